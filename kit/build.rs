@@ -1,0 +1,13 @@
+//! Compiles the probe contract used only by the kit's own integration tests
+//! (a tiny service exercising auth, idempotency, outbox and propagation).
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protoc = protoc_bin_vendored::protoc_bin_path()?;
+    // SAFETY: build scripts are single-threaded.
+    unsafe { std::env::set_var("PROTOC", protoc) };
+    let mut config = tonic_prost_build::Config::new();
+    config.enable_type_names();
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(std::path::PathBuf::from(std::env::var("OUT_DIR")?).join("kittest_descriptor.bin"))
+        .compile_with_config(config, &["tests/proto/probe.proto"], &["tests/proto"])?;
+    Ok(())
+}

@@ -1,0 +1,408 @@
+//! Idempotent event consumption from Redis Streams (SPEC 2, REL-3).
+//!
+//! A [`Consumer`] reads one or more services' streams in a consumer group
+//! named after the consuming service. For each event it opens a PostgreSQL
+//! transaction, records the event id in `kit_inbox` (a duplicate is skipped),
+//! runs the [`EventHandler`] in that same transaction and commits, then
+//! acknowledges the stream entry. So effects happen exactly once even though
+//! delivery is at-least-once; progress survives restarts (the inbox in
+//! PostgreSQL, pending entries in Redis):
+//!
+//! - after a crash, a consumer with the same name re-reads its own pending
+//!   entries first;
+//! - entries pending at a consumer that never came back are claimed by
+//!   another after `CONSUMER_CLAIM_IDLE_MS`;
+//! - a transient failure stops the round (keeping order) and retries with
+//!   backoff; a permanent one moves the event to `kit_dead_events`.
+//!
+//! Each event is handled in a span whose parent is the trace context the
+//! event carries, so a trace continues across the bus.
+
+use std::future::Future;
+use std::time::Duration;
+
+use crm_proto::common::v1::EventEnvelope;
+use prost::Message;
+use redis::Value;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
+use sqlx::{PgConnection, PgPool};
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::lifecycle::ShutdownSignal;
+use crate::metrics::Metrics;
+use crate::telemetry;
+
+/// An event as a handler sees it.
+#[derive(Debug, Clone)]
+pub struct Event {
+    /// The envelope.
+    pub envelope: EventEnvelope,
+    /// Stream it came from.
+    pub stream: String,
+    /// Entry id in the stream.
+    pub stream_id: String,
+}
+
+impl Event {
+    /// The payload as `T` if the event is of that type.
+    pub fn payload<T: prost::Name + Message + Default>(&self) -> Result<Option<T>, HandlerError> {
+        if self.envelope.event_type != T::full_name() {
+            return Ok(None);
+        }
+        let any =
+            self.envelope.payload.as_ref().ok_or_else(|| HandlerError::Permanent("event has no payload".into()))?;
+        any.to_msg::<T>().map(Some).map_err(|e| HandlerError::Permanent(format!("undecodable {}: {e}", T::full_name())))
+    }
+}
+
+/// How a handler failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HandlerError {
+    /// Worth retrying (database or dependency unavailable).
+    #[error("transient: {0}")]
+    Transient(String),
+    /// Will never succeed (bad payload, violated invariant): dead-lettered.
+    #[error("permanent: {0}")]
+    Permanent(String),
+}
+
+impl From<sqlx::Error> for HandlerError {
+    fn from(e: sqlx::Error) -> Self {
+        match &e {
+            // Data exceptions (22xxx) and integrity violations (23xxx) will not heal by retrying.
+            sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("22") || c.starts_with("23")) => {
+                HandlerError::Permanent(e.to_string())
+            }
+            _ => HandlerError::Transient(e.to_string()),
+        }
+    }
+}
+
+/// Applies events to a service's own tables.
+pub trait EventHandler: Send + Sync + 'static {
+    /// Applies `event` inside `tx`; the inbox row is in the same transaction.
+    /// Unknown event types should be ignored (return `Ok`).
+    fn handle(&self, tx: &mut PgConnection, event: &Event) -> impl Future<Output = Result<(), HandlerError>> + Send;
+}
+
+/// Why a consumer round failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumerError {
+    /// Redis unreachable or refused a command.
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// PostgreSQL unreachable.
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    /// A handler failed transiently; the event stays pending.
+    #[error("handler: {0}")]
+    Handler(String),
+}
+
+/// Consumer settings.
+#[derive(Debug, Clone)]
+pub struct ConsumerSettings {
+    /// Group name: the consuming service, e.g. "segmentation".
+    pub group: String,
+    /// This replica's name in the group.
+    pub name: String,
+    /// Streams to read, e.g. ["crm.profiles.events"].
+    pub streams: Vec<String>,
+    /// Entries per read.
+    pub batch_size: usize,
+    /// Block time waiting for new entries.
+    pub block: Duration,
+    /// Idle time after which another consumer's pending entries are claimed.
+    pub claim_idle: Duration,
+}
+
+impl ConsumerSettings {
+    /// Settings from the kit configuration.
+    pub fn from_config(config: &crate::config::KitConfig, streams: Vec<String>) -> Self {
+        Self {
+            group: config.service.clone(),
+            name: config.consumer_name.clone(),
+            streams,
+            batch_size: config.consumer_batch_size,
+            block: config.consumer_block,
+            claim_idle: config.consumer_claim_idle,
+        }
+    }
+}
+
+/// Consumes streams into a handler.
+pub struct Consumer<H> {
+    pool: PgPool,
+    redis: ConnectionManager,
+    settings: ConsumerSettings,
+    handler: H,
+    metrics: Metrics,
+    groups_ready: bool,
+}
+
+impl<H: EventHandler> Consumer<H> {
+    /// Creates a consumer; it uses its own Redis connection because its reads block.
+    pub fn new(
+        pool: PgPool,
+        redis_url: &str,
+        settings: ConsumerSettings,
+        handler: H,
+        metrics: Metrics,
+    ) -> Result<Self, redis::RedisError> {
+        let client = redis::Client::open(redis_url)?;
+        let cfg = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(settings.block + Duration::from_secs(2)))
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_number_of_retries(1);
+        let redis = ConnectionManager::new_lazy_with_config(client, cfg)?;
+        Ok(Self { pool, redis, settings, handler, metrics, groups_ready: false })
+    }
+
+    fn labels(&self, outcome: &str) -> Vec<(&'static str, String)> {
+        vec![("consumer", self.settings.group.clone()), ("outcome", outcome.to_string())]
+    }
+
+    async fn ensure_groups(&mut self) -> Result<(), redis::RedisError> {
+        if self.groups_ready {
+            return Ok(());
+        }
+        for stream in &self.settings.streams {
+            // "0": a new group starts from the beginning, so a new read model
+            // is built from every event still in the stream.
+            let created: Result<(), _> = redis::cmd("XGROUP")
+                .arg("CREATE")
+                .arg(stream)
+                .arg(&self.settings.group)
+                .arg("0")
+                .arg("MKSTREAM")
+                .query_async(&mut self.redis)
+                .await;
+            if let Err(e) = created
+                && e.code() != Some("BUSYGROUP")
+            {
+                return Err(e);
+            }
+        }
+        self.groups_ready = true;
+        Ok(())
+    }
+
+    async fn read(
+        &mut self,
+        start: &str,
+        block: Option<Duration>,
+    ) -> Result<Vec<(String, StreamId)>, redis::RedisError> {
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP").arg(&self.settings.group).arg(&self.settings.name).arg("COUNT").arg(self.settings.batch_size);
+        if let Some(b) = block {
+            cmd.arg("BLOCK").arg(b.as_millis() as u64);
+        }
+        cmd.arg("STREAMS");
+        for s in &self.settings.streams {
+            cmd.arg(s);
+        }
+        for _ in &self.settings.streams {
+            cmd.arg(start);
+        }
+        let reply: Option<StreamReadReply> = cmd.query_async(&mut self.redis).await?;
+        Ok(reply
+            .map(|r| {
+                r.keys
+                    .into_iter()
+                    .flat_map(|k| {
+                        let key = k.key;
+                        k.ids.into_iter().map(move |id| (key.clone(), id))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    async fn claim_stale(&mut self) -> Result<Vec<(String, StreamId)>, redis::RedisError> {
+        let mut out = Vec::new();
+        for stream in self.settings.streams.clone() {
+            let reply: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
+                .arg(&stream)
+                .arg(&self.settings.group)
+                .arg(&self.settings.name)
+                .arg(self.settings.claim_idle.as_millis() as u64)
+                .arg("0-0")
+                .arg("COUNT")
+                .arg(self.settings.batch_size)
+                .query_async(&mut self.redis)
+                .await?;
+            out.extend(reply.claimed.into_iter().map(|id| (stream.clone(), id)));
+        }
+        Ok(out)
+    }
+
+    /// One round: own pending entries, else stale ones of others, else new
+    /// ones (blocking up to `block`). Returns how many entries were settled.
+    pub async fn poll_once(&mut self) -> Result<usize, ConsumerError> {
+        self.ensure_groups().await?;
+        let mut entries = self.read("0", None).await?;
+        if entries.is_empty() {
+            entries = self.claim_stale().await?;
+        }
+        if entries.is_empty() {
+            entries = self.read(">", Some(self.settings.block)).await?;
+        }
+        let mut settled = 0;
+        for (stream, entry) in entries {
+            self.settle(&stream, entry).await?;
+            settled += 1;
+        }
+        Ok(settled)
+    }
+
+    async fn ack(&mut self, stream: &str, id: &str) -> Result<(), redis::RedisError> {
+        redis::cmd("XACK").arg(stream).arg(&self.settings.group).arg(id).query_async::<()>(&mut self.redis).await
+    }
+
+    async fn settle(&mut self, stream: &str, entry: StreamId) -> Result<(), ConsumerError> {
+        if entry.map.is_empty() {
+            // Trimmed from the stream while pending: nothing left to apply.
+            self.ack(stream, &entry.id).await?;
+            return Ok(());
+        }
+        let raw = match entry.map.get("envelope") {
+            Some(Value::BulkString(b)) => b.clone(),
+            _ => Vec::new(),
+        };
+        let decoded =
+            EventEnvelope::decode(raw.as_slice()).map_err(|e| format!("undecodable envelope: {e}")).and_then(|env| {
+                Uuid::parse_str(&env.event_id).map(|id| (env, id)).map_err(|e| format!("bad event id: {e}"))
+            });
+        let (envelope, event_id) = match decoded {
+            Ok(v) => v,
+            Err(why) => {
+                self.dead_letter(stream, &entry.id, None, &raw, &why).await?;
+                self.ack(stream, &entry.id).await?;
+                return Ok(());
+            }
+        };
+        let event = Event { envelope, stream: stream.to_string(), stream_id: entry.id.clone() };
+
+        let span = tracing::info_span!(
+            "event.consume",
+            otel.name = %format!("consume {}", event.envelope.event_type),
+            otel.kind = "consumer",
+            messaging.system = "redis_streams",
+            messaging.destination.name = %stream,
+            messaging.message.id = %event.envelope.event_id,
+            messaging.consumer.group.name = %self.settings.group,
+            trace_id = tracing::field::Empty,
+            span_id = tracing::field::Empty,
+        );
+        telemetry::adopt_parent(&span, telemetry::context_from_event(event.envelope.trace_context.as_ref()));
+
+        let outcome = async {
+            let mut tx = self.pool.begin().await?;
+            let fresh =
+                sqlx::query("INSERT INTO kit_inbox (consumer, event_id) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+                    .bind(&self.settings.group)
+                    .bind(event_id)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected()
+                    == 1;
+            if !fresh {
+                return Ok::<_, sqlx::Error>(Ok("duplicate"));
+            }
+            match self.handler.handle(&mut tx, &event).await {
+                Ok(()) => {
+                    tx.commit().await?;
+                    Ok(Ok("applied"))
+                }
+                Err(e) => Ok(Err(e)),
+            }
+        }
+        .instrument(span.clone())
+        .await;
+
+        match outcome {
+            Ok(Ok(kind)) => {
+                self.metrics.events_consumed.get_or_create(&self.labels(kind)).inc();
+                self.ack(stream, &entry.id).await?;
+                Ok(())
+            }
+            Ok(Err(HandlerError::Permanent(why))) => {
+                let _enter = span.enter();
+                tracing::error!(event_id = %event_id, event_type = %event.envelope.event_type, error = %why, "event dead-lettered");
+                drop(_enter);
+                self.dead_letter(stream, &entry.id, Some(&event), &raw, &why).await?;
+                self.ack(stream, &entry.id).await?;
+                Ok(())
+            }
+            Ok(Err(HandlerError::Transient(why))) => {
+                self.metrics.consumer_errors.get_or_create(&vec![("consumer", self.settings.group.clone())]).inc();
+                Err(ConsumerError::Handler(why))
+            }
+            Err(db) => {
+                self.metrics.consumer_errors.get_or_create(&vec![("consumer", self.settings.group.clone())]).inc();
+                Err(ConsumerError::Database(db))
+            }
+        }
+    }
+
+    async fn dead_letter(
+        &mut self,
+        stream: &str,
+        stream_id: &str,
+        event: Option<&Event>,
+        raw: &[u8],
+        why: &str,
+    ) -> Result<(), sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO kit_dead_events (consumer, stream, stream_id, event_id, event_type, envelope, error) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+        )
+        .bind(&self.settings.group)
+        .bind(stream)
+        .bind(stream_id)
+        .bind(event.map(|e| e.envelope.event_id.clone()).unwrap_or_default())
+        .bind(event.map(|e| e.envelope.event_type.clone()).unwrap_or_default())
+        .bind(raw)
+        .bind(why)
+        .execute(&mut *tx)
+        .await?;
+        if let Some(id) = event.and_then(|e| Uuid::parse_str(&e.envelope.event_id).ok()) {
+            sqlx::query("INSERT INTO kit_inbox (consumer, event_id) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+                .bind(&self.settings.group)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        self.metrics.events_consumed.get_or_create(&self.labels("dead_letter")).inc();
+        Ok(())
+    }
+
+    /// Runs until shutdown, backing off (up to 5 s) while Redis, PostgreSQL
+    /// or a handler fails.
+    pub async fn run(mut self, shutdown: ShutdownSignal) {
+        let mut backoff = Duration::from_millis(100);
+        while !shutdown.is_triggered() {
+            let round = tokio::select! {
+                r = self.poll_once() => r,
+                _ = shutdown.clone().wait() => break,
+            };
+            match round {
+                Ok(_) => backoff = Duration::from_millis(100),
+                Err(e) => {
+                    tracing::warn!(error = %e, group = %self.settings.group, "consumer round failed; retrying");
+                    if e.to_string().contains("NOGROUP") {
+                        self.groups_ready = false;
+                    }
+                    if !shutdown.sleep(backoff).await {
+                        break;
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}

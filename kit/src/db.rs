@@ -1,0 +1,93 @@
+//! PostgreSQL and Redis connections, and migrations (SPEC 2).
+//!
+//! Each service owns one schema (`DATABASE_SCHEMA`, default its name); every
+//! pooled connection has `search_path` set to it, so a service's SQL never
+//! names, and cannot reach, another service's tables by accident. The kit's
+//! own tables (outbox, inbox, idempotency) live in that schema too, tracked
+//! in `_kit_migrations`; the service's migrations in `_sqlx_migrations`.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use sqlx::PgPool;
+use sqlx::migrate::{MigrateError, Migrator};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+use crate::config::{ConfigError, KitConfig, is_identifier};
+
+/// Opens the service's pool lazily: the service starts (and reports
+/// NOT_SERVING) while PostgreSQL is unreachable, and recovers without restart.
+pub fn pg_pool(config: &KitConfig) -> Result<PgPool, ConfigError> {
+    let mut options = PgConnectOptions::from_str(&config.database_url)
+        .map_err(|e| {
+            ConfigError::new("DATABASE_URL", Some(&crate::config::redact_url(&config.database_url)), e.to_string())
+        })?
+        .application_name(&format!("crm-{}", config.service));
+    let mut settings = vec![("search_path".to_string(), config.database_schema.clone())];
+    if !config.database_statement_timeout.is_zero() {
+        settings.push(("statement_timeout".to_string(), config.database_statement_timeout.as_millis().to_string()));
+    }
+    options = options.options(settings);
+    Ok(PgPoolOptions::new()
+        .max_connections(config.database_max_connections)
+        .min_connections(0)
+        .acquire_timeout(config.database_acquire_timeout)
+        .idle_timeout(Some(Duration::from_secs(300)))
+        .connect_lazy_with(options))
+}
+
+/// Creates the schema if needed and applies the kit's and the service's
+/// migrations. Safe to run from several replicas at once (sqlx takes an
+/// advisory lock).
+pub async fn migrate(pool: &PgPool, schema: &str, service: &Migrator) -> Result<(), MigrateError> {
+    if !is_identifier(schema) {
+        return Err(MigrateError::Execute(sqlx::Error::Configuration(format!("bad schema name {schema:?}").into())));
+    }
+    // The name was checked to be a plain identifier above, so quoting it is safe.
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""))).execute(pool).await?;
+    let mut kit = sqlx::migrate!("./migrations");
+    kit.dangerous_set_table_name("_kit_migrations");
+    kit.run(pool).await?;
+    service.run(pool).await
+}
+
+/// Whether PostgreSQL answers within `timeout`.
+pub async fn pg_reachable(pool: &PgPool, timeout: Duration) -> bool {
+    matches!(tokio::time::timeout(timeout, sqlx::query("SELECT 1").execute(pool)).await, Ok(Ok(_)))
+}
+
+/// A shared, self-reconnecting Redis connection (multiplexed). Commands time
+/// out after the configured timeout so a slow or dead Redis never stalls a
+/// request (REL-2); callers decide how to fall back.
+#[derive(Clone)]
+pub struct Redis {
+    manager: ConnectionManager,
+}
+
+impl std::fmt::Debug for Redis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Redis")
+    }
+}
+
+impl Redis {
+    /// Connects lazily to `url` with a per-command `timeout`.
+    pub fn connect(url: &str, timeout: Duration) -> Result<Self, ConfigError> {
+        let client = redis::Client::open(url)
+            .map_err(|e| ConfigError::new("REDIS_URL", Some(&crate::config::redact_url(url)), e.to_string()))?;
+        let config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(timeout))
+            .set_connection_timeout(Some(timeout.max(Duration::from_millis(100))))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let manager = ConnectionManager::new_lazy_with_config(client, config)
+            .map_err(|e| ConfigError::new("REDIS_URL", Some(&crate::config::redact_url(url)), e.to_string()))?;
+        Ok(Self { manager })
+    }
+
+    /// A handle for commands (cheap to clone).
+    pub fn conn(&self) -> ConnectionManager {
+        self.manager.clone()
+    }
+}

@@ -1,0 +1,294 @@
+//! Errors mapped to gRPC status codes with rich details (SPEC 3, REL-1).
+//!
+//! Every error a client sees carries a `google.rpc.ErrorInfo` (reason in
+//! UPPER_SNAKE_CASE, domain "crm.<service>") and, for bad input, a
+//! `google.rpc.BadRequest` listing every bad field. A client's mistake is
+//! never INTERNAL; INTERNAL means a bug and is logged with the trace id.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+/// One bad field of a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldViolation {
+    /// Path of the field, e.g. "customer.phone" or "transactions[3].amount".
+    pub field: String,
+    /// What is wrong with it, in words a client developer can act on.
+    pub description: String,
+}
+
+/// Collects every bad field of a request before failing, so a client learns
+/// about all of them at once.
+#[derive(Debug, Default, Clone)]
+pub struct FieldViolations(Vec<FieldViolation>);
+
+impl FieldViolations {
+    /// An empty collection.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records a bad field.
+    pub fn add(&mut self, field: impl Into<String>, description: impl Into<String>) {
+        self.0.push(FieldViolation { field: field.into(), description: description.into() });
+    }
+
+    /// Records the error of a parse, returning the value when it parsed.
+    pub fn check<T, E: fmt::Display>(&mut self, field: &str, parsed: Result<T, E>) -> Option<T> {
+        match parsed {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.add(field, e.to_string());
+                None
+            }
+        }
+    }
+
+    /// Records a missing required field.
+    pub fn required(&mut self, field: &str) {
+        self.add(field, "is required");
+    }
+
+    /// Whether no field is bad.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The recorded violations.
+    pub fn iter(&self) -> impl Iterator<Item = &FieldViolation> {
+        self.0.iter()
+    }
+
+    /// `Ok(())` when no field is bad, else INVALID_ARGUMENT naming all of them.
+    pub fn into_result(self) -> Result<(), ApiError> {
+        if self.0.is_empty() { Ok(()) } else { Err(ApiError::InvalidArgument(self)) }
+    }
+}
+
+/// An error a handler returns; converted to a `tonic::Status` at the edge.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Bad input: one or more fields (INVALID_ARGUMENT).
+    #[error("invalid request: {}", summary(.0))]
+    InvalidArgument(FieldViolations),
+    /// The resource does not exist (NOT_FOUND).
+    #[error("{resource} {id:?} not found")]
+    NotFound {
+        /// Kind of resource, e.g. "customer".
+        resource: &'static str,
+        /// The id asked for.
+        id: String,
+    },
+    /// The resource exists already (ALREADY_EXISTS).
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// The system is not in the state the request needs (FAILED_PRECONDITION),
+    /// e.g. an illegal state transition. `reason` is an UPPER_SNAKE_CASE code.
+    #[error("{message}")]
+    FailedPrecondition {
+        /// Machine-readable reason.
+        reason: &'static str,
+        /// Human-readable message.
+        message: String,
+    },
+    /// Concurrency conflict: stale etag, serialization failure (ABORTED).
+    #[error("{0}")]
+    Aborted(String),
+    /// No (valid) credentials (UNAUTHENTICATED).
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// Credentials valid, permission missing (PERMISSION_DENIED).
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// Overload or quota (RESOURCE_EXHAUSTED).
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// A dependency is unreachable; retry with backoff (UNAVAILABLE).
+    #[error("{0}")]
+    Unavailable(String),
+    /// The deadline passed (DEADLINE_EXCEEDED).
+    #[error("{0}")]
+    DeadlineExceeded(String),
+    /// A bug. The detail is logged, not sent to the client (INTERNAL).
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+fn summary(v: &FieldViolations) -> String {
+    v.iter().map(|f| format!("{}: {}", f.field, f.description)).collect::<Vec<_>>().join("; ")
+}
+
+impl ApiError {
+    /// INVALID_ARGUMENT for a single field.
+    pub fn invalid(field: impl Into<String>, description: impl Into<String>) -> Self {
+        let mut v = FieldViolations::new();
+        v.add(field, description);
+        Self::InvalidArgument(v)
+    }
+
+    /// NOT_FOUND.
+    pub fn not_found(resource: &'static str, id: impl Into<String>) -> Self {
+        Self::NotFound { resource, id: id.into() }
+    }
+
+    /// FAILED_PRECONDITION with a reason code.
+    pub fn failed_precondition(reason: &'static str, message: impl Into<String>) -> Self {
+        Self::FailedPrecondition { reason, message: message.into() }
+    }
+
+    /// INTERNAL, for bugs; the message is logged only.
+    pub fn internal(message: impl fmt::Display) -> Self {
+        Self::Internal(message.to_string())
+    }
+
+    /// The gRPC code.
+    pub fn code(&self) -> Code {
+        match self {
+            Self::InvalidArgument(_) => Code::InvalidArgument,
+            Self::NotFound { .. } => Code::NotFound,
+            Self::AlreadyExists(_) => Code::AlreadyExists,
+            Self::FailedPrecondition { .. } => Code::FailedPrecondition,
+            Self::Aborted(_) => Code::Aborted,
+            Self::Unauthenticated(_) => Code::Unauthenticated,
+            Self::PermissionDenied(_) => Code::PermissionDenied,
+            Self::ResourceExhausted(_) => Code::ResourceExhausted,
+            Self::Unavailable(_) => Code::Unavailable,
+            Self::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            Self::Internal(_) => Code::Internal,
+        }
+    }
+
+    /// The `ErrorInfo.reason` code.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::InvalidArgument(_) => "INVALID_ARGUMENT",
+            Self::NotFound { .. } => "NOT_FOUND",
+            Self::AlreadyExists(_) => "ALREADY_EXISTS",
+            Self::FailedPrecondition { reason, .. } => reason,
+            Self::Aborted(_) => "CONFLICT",
+            Self::Unauthenticated(_) => "UNAUTHENTICATED",
+            Self::PermissionDenied(_) => "PERMISSION_DENIED",
+            Self::ResourceExhausted(_) => "OVERLOADED",
+            Self::Unavailable(_) => "DEPENDENCY_UNAVAILABLE",
+            Self::DeadlineExceeded(_) => "DEADLINE_EXCEEDED",
+            Self::Internal(_) => "INTERNAL",
+        }
+    }
+
+    /// Converts to a status with details, in the error domain `crm.<service>`.
+    pub fn into_status(self, service: &str) -> Status {
+        let code = self.code();
+        let trace_id = crate::telemetry::current_trace_id();
+        let message = match &self {
+            Self::Internal(detail) => {
+                tracing::error!(error = %detail, trace_id = %trace_id, "internal error");
+                format!("internal error; quote trace id {trace_id} when reporting it")
+            }
+            other => other.to_string(),
+        };
+        let mut metadata = HashMap::new();
+        if !trace_id.is_empty() {
+            metadata.insert("trace_id".to_string(), trace_id);
+        }
+        if let Self::NotFound { resource, id } = &self {
+            metadata.insert("resource".to_string(), resource.to_string());
+            metadata.insert("id".to_string(), id.clone());
+        }
+        let mut details = ErrorDetails::new();
+        details.set_error_info(self.reason(), format!("crm.{service}"), metadata);
+        if let Self::InvalidArgument(violations) = &self {
+            for v in violations.iter() {
+                details.add_bad_request_violation(v.field.clone(), v.description.clone());
+            }
+        }
+        if matches!(self, Self::ResourceExhausted(_) | Self::Unavailable(_)) {
+            details.set_retry_info(Some(std::time::Duration::from_millis(200)));
+        }
+        Status::with_error_details(code, message, details)
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> Self {
+        use sqlx::Error as E;
+        match &e {
+            E::PoolTimedOut | E::PoolClosed | E::Io(_) | E::Tls(_) => {
+                ApiError::Unavailable(format!("database unavailable: {e}"))
+            }
+            E::Database(db) => match db.code().as_deref() {
+                // serialization_failure, deadlock_detected: the client may retry.
+                Some("40001") | Some("40P01") => ApiError::Aborted("concurrent update conflict; retry".into()),
+                // query_canceled (statement_timeout).
+                Some("57014") => ApiError::DeadlineExceeded("database statement timed out".into()),
+                // admin_shutdown, crash_shutdown, cannot_connect_now, too_many_connections.
+                Some("57P01") | Some("57P02") | Some("57P03") | Some("53300") => {
+                    ApiError::Unavailable(format!("database unavailable: {e}"))
+                }
+                _ => ApiError::Internal(format!("database error: {e}")),
+            },
+            _ => ApiError::Internal(format!("database error: {e}")),
+        }
+    }
+}
+
+impl From<redis::RedisError> for ApiError {
+    fn from(e: redis::RedisError) -> Self {
+        ApiError::Unavailable(format!("redis unavailable: {e}"))
+    }
+}
+
+/// Turns a handler's `Result<T, ApiError>` into tonic's `Result<Response<T>, Status>`.
+pub trait IntoGrpc<T> {
+    /// Converts, using `service` as the error domain.
+    fn into_grpc(self, service: &str) -> Result<tonic::Response<T>, Status>;
+}
+
+impl<T> IntoGrpc<T> for Result<T, ApiError> {
+    fn into_grpc(self, service: &str) -> Result<tonic::Response<T>, Status> {
+        self.map(tonic::Response::new).map_err(|e| e.into_status(service))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalid_argument_lists_every_bad_field() {
+        let mut v = FieldViolations::new();
+        v.add("customer.phone", "not a valid phone number");
+        v.required("request_id");
+        let status = v.into_result().unwrap_err().into_status("profiles");
+        assert_eq!(status.code(), Code::InvalidArgument);
+        let details = status.get_error_details();
+        let fields: Vec<_> =
+            details.bad_request().expect("BadRequest").field_violations.iter().map(|f| f.field.clone()).collect();
+        assert_eq!(fields, ["customer.phone", "request_id"]);
+        let info = details.error_info().expect("ErrorInfo");
+        assert_eq!(info.domain, "crm.profiles");
+        assert_eq!(info.reason, "INVALID_ARGUMENT");
+    }
+
+    #[test]
+    fn internal_errors_do_not_leak_their_detail() {
+        let status = ApiError::internal("secret table xyz broke").into_status("profiles");
+        assert_eq!(status.code(), Code::Internal);
+        assert!(!status.message().contains("xyz"));
+    }
+
+    #[test]
+    fn failed_precondition_carries_its_reason() {
+        let status = ApiError::failed_precondition("ILLEGAL_TRANSITION", "DRAFT -> COMPLETED is not allowed")
+            .into_status("outreach");
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        assert_eq!(status.get_error_details().error_info().unwrap().reason, "ILLEGAL_TRANSITION");
+    }
+
+    #[test]
+    fn pool_timeouts_are_unavailable_not_internal() {
+        assert_eq!(ApiError::from(sqlx::Error::PoolTimedOut).code(), Code::Unavailable);
+    }
+}

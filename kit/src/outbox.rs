@@ -1,0 +1,233 @@
+//! The transactional outbox and its relay to Redis Streams (SPEC 2, REL-3).
+//!
+//! A service calls [`enqueue`] inside the transaction that changes its state,
+//! so the event exists if and only if the change committed. The
+//! [`OutboxRelay`] publishes unpublished rows, oldest first, to the stream
+//! `crm.<service>.events` and marks them published in the same PostgreSQL
+//! transaction. Only one replica publishes at a time (a transaction-scoped
+//! advisory lock), which keeps the commit order of each aggregate; the others
+//! stand by and take over at once if it dies. If Redis is unreachable the
+//! transaction rolls back and the events wait; they flow when Redis returns.
+//! A crash between XADD and the commit publishes a batch twice: delivery is
+//! at-least-once and consumers deduplicate by event id.
+
+use std::time::{Duration, Instant};
+
+use crm_proto::common::v1::EventEnvelope;
+use prost::Message;
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use crate::db::Redis;
+use crate::error::ApiError;
+use crate::lifecycle::ShutdownSignal;
+use crate::metrics::Metrics;
+use crate::telemetry;
+
+/// The stream a service publishes to.
+pub fn stream_name(service: &str) -> String {
+    format!("crm.{service}.events")
+}
+
+/// What identifies an event's subject.
+#[derive(Debug, Clone, Copy)]
+pub struct Aggregate<'a> {
+    /// Kind, e.g. "customer".
+    pub kind: &'a str,
+    /// Id.
+    pub id: &'a str,
+}
+
+/// Writes `payload` as an event of `source` into the outbox, inside the
+/// caller's transaction. The envelope carries the current trace context.
+pub async fn enqueue<T: prost::Name + Message>(
+    conn: &mut PgConnection,
+    source: &str,
+    aggregate: Aggregate<'_>,
+    request_id: &str,
+    payload: &T,
+) -> Result<Uuid, ApiError> {
+    let event_id = Uuid::now_v7();
+    let any = prost_types::Any::from_msg(payload).map_err(|e| ApiError::internal(format!("cannot pack event: {e}")))?;
+    let envelope = EventEnvelope {
+        event_id: event_id.to_string(),
+        event_type: T::full_name(),
+        source: source.to_string(),
+        aggregate_type: aggregate.kind.to_string(),
+        aggregate_id: aggregate.id.to_string(),
+        occurred_at: Some(prost_types::Timestamp::from(std::time::SystemTime::now())),
+        trace_context: Some(telemetry::event_trace_context()),
+        request_id: request_id.to_string(),
+        payload: Some(any),
+        schema_version: 1,
+    };
+    sqlx::query("INSERT INTO kit_outbox (event_id, event_type, aggregate_id, envelope) VALUES ($1, $2, $3, $4)")
+        .bind(event_id)
+        .bind(&envelope.event_type)
+        .bind(aggregate.id)
+        .bind(envelope.encode_to_vec())
+        .execute(conn)
+        .await?;
+    Ok(event_id)
+}
+
+/// Why a relay round failed (it is retried).
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// PostgreSQL.
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    /// Redis.
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+/// Publishes a service's outbox to its stream.
+#[derive(Debug, Clone)]
+pub struct OutboxRelay {
+    pool: PgPool,
+    redis: Redis,
+    stream: String,
+    batch_size: i64,
+    poll_interval: Duration,
+    maxlen: u64,
+    retention: Duration,
+    metrics: Metrics,
+}
+
+impl OutboxRelay {
+    /// A relay of `service`'s outbox.
+    pub fn new(pool: PgPool, redis: Redis, service: &str, metrics: Metrics) -> Self {
+        Self {
+            pool,
+            redis,
+            stream: stream_name(service),
+            batch_size: 500,
+            poll_interval: Duration::from_millis(100),
+            maxlen: 1_000_000,
+            retention: Duration::from_secs(7 * 24 * 3600),
+            metrics,
+        }
+    }
+
+    /// Applies the kit configuration.
+    pub fn configured(mut self, config: &crate::config::KitConfig) -> Self {
+        self.batch_size = config.outbox_batch_size;
+        self.poll_interval = config.outbox_poll_interval;
+        self.maxlen = config.event_stream_maxlen;
+        self.retention = config.outbox_retention;
+        self
+    }
+
+    /// Publishes at most one batch. Returns how many events were published;
+    /// 0 when there was nothing to do or another replica holds the lock.
+    pub async fn publish_once(&self) -> Result<usize, RelayError> {
+        let mut tx = self.pool.begin().await?;
+        let locked: bool =
+            sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtext('kit_outbox:' || current_schema()))")
+                .fetch_one(&mut *tx)
+                .await?;
+        if !locked {
+            return Ok(0);
+        }
+        let rows: Vec<(i64, Uuid, String, Vec<u8>)> = sqlx::query_as(
+            "SELECT id, event_id, event_type, envelope FROM kit_outbox WHERE published_at IS NULL ORDER BY id LIMIT $1",
+        )
+        .bind(self.batch_size)
+        .fetch_all(&mut *tx)
+        .await?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let mut pipe = redis::pipe();
+        for (_, event_id, event_type, envelope) in &rows {
+            pipe.cmd("XADD")
+                .arg(&self.stream)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(self.maxlen)
+                .arg("*")
+                .arg("event_id")
+                .arg(event_id.to_string())
+                .arg("event_type")
+                .arg(event_type)
+                .arg("envelope")
+                .arg(envelope.as_slice())
+                .ignore();
+        }
+        let mut conn = self.redis.conn();
+        pipe.query_async::<()>(&mut conn).await?;
+        let ids: Vec<i64> = rows.iter().map(|r| r.0).collect();
+        sqlx::query("UPDATE kit_outbox SET published_at = now() WHERE id = ANY($1)")
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        self.metrics.outbox_published.inc_by(rows.len() as u64);
+        Ok(rows.len())
+    }
+
+    /// Refreshes the outbox lag gauges.
+    pub async fn observe_lag(&self) -> Result<(), sqlx::Error> {
+        let (pending, age): (i64, Option<f64>) = sqlx::query_as(
+            "SELECT count(*), extract(epoch FROM now() - min(created_at))::float8 FROM kit_outbox WHERE published_at IS NULL",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        self.metrics.outbox_pending.set(pending);
+        self.metrics.outbox_lag_seconds.set(age.unwrap_or(0.0) as i64);
+        Ok(())
+    }
+
+    /// Deletes published rows past retention.
+    pub async fn purge(&self) -> Result<u64, sqlx::Error> {
+        Ok(sqlx::query(
+            "DELETE FROM kit_outbox WHERE id IN (SELECT id FROM kit_outbox WHERE published_at < now() - make_interval(secs => $1) LIMIT 10000)",
+        )
+        .bind(self.retention.as_secs() as f64)
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+
+    /// Runs until shutdown: publishes, backs off on errors (up to 5 s), keeps
+    /// the lag gauges fresh and purges old rows.
+    pub async fn run(self, shutdown: ShutdownSignal) {
+        let mut backoff = self.poll_interval;
+        let mut last_housekeeping = Instant::now() - Duration::from_secs(3600);
+        let mut last_lag = Instant::now() - Duration::from_secs(60);
+        loop {
+            if shutdown.is_triggered() {
+                break;
+            }
+            let wait = match self.publish_once().await {
+                Ok(n) if n as i64 >= self.batch_size => Duration::ZERO,
+                Ok(_) => {
+                    backoff = self.poll_interval;
+                    self.poll_interval
+                }
+                Err(e) => {
+                    self.metrics.outbox_errors.inc();
+                    tracing::warn!(error = %e, stream = %self.stream, "outbox relay round failed; events wait in the outbox");
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    backoff
+                }
+            };
+            if last_lag.elapsed() >= Duration::from_secs(1) {
+                last_lag = Instant::now();
+                let _ = self.observe_lag().await;
+            }
+            if last_housekeeping.elapsed() >= Duration::from_secs(60) {
+                last_housekeeping = Instant::now();
+                if let Err(e) = self.purge().await {
+                    tracing::debug!(error = %e, "outbox purge failed");
+                }
+            }
+            if !wait.is_zero() && !shutdown.sleep(wait).await {
+                break;
+            }
+        }
+        // Publish what is left so a clean shutdown leaves nothing behind.
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.publish_once()).await;
+    }
+}

@@ -1,0 +1,91 @@
+//! Helpers for tests against the real PostgreSQL and Redis (feature `testing`).
+//!
+//! Each test gets its own schema in the `crm_test` database, so tests run in
+//! parallel without seeing each other's rows; stream names are unique per
+//! test too. `TEST_DATABASE_URL` and `TEST_REDIS_URL` override the defaults.
+
+use std::time::Duration;
+
+use sqlx::Connection;
+
+use crate::config::{AuthConfig, Env, JwtConfig, JwtKey, KitConfig};
+
+/// The HS256 secret test configurations use.
+pub const TEST_JWT_SECRET: &[u8] = b"test-secret-test-secret-test-secret!";
+
+/// Base URL of the test database server (without a database name).
+pub fn database_server_url() -> String {
+    std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+/// Redis URL for tests.
+pub fn redis_url() -> String {
+    std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// A short unique name with a prefix, usable as a schema, service or stream name.
+pub fn unique_name(prefix: &str) -> String {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    format!("{prefix}_{}", &id[..12])
+}
+
+/// Ensures the `crm_test` database exists and returns its URL.
+pub async fn test_database_url() -> String {
+    let server = database_server_url();
+    let url = format!("{server}/crm_test");
+    if sqlx::PgConnection::connect(&url).await.is_err() {
+        let mut admin = sqlx::PgConnection::connect(&format!("{server}/postgres"))
+            .await
+            .expect("PostgreSQL must be running for this test (make test starts it)");
+        // Another test binary may create it concurrently; "already exists" is fine.
+        let _ = sqlx::query("CREATE DATABASE crm_test").execute(&mut admin).await;
+    }
+    url
+}
+
+/// A configuration for a service named `service` with its own fresh schema,
+/// a JWT secret, ephemeral ports and fast timings.
+pub async fn config(service: &str) -> KitConfig {
+    let url = test_database_url().await;
+    let env = Env::from_pairs([
+        ("DATABASE_URL", url.as_str()),
+        ("REDIS_URL", redis_url().as_str()),
+        ("GRPC_LISTEN_ADDR", "127.0.0.1:0"),
+        ("METRICS_LISTEN_ADDR", "off"),
+        ("AUTH_MODE", "disabled"),
+    ]);
+    let mut cfg = KitConfig::load(service, 0, &env).expect("test configuration is valid");
+    cfg.database_schema = unique_name("t");
+    cfg.auth = AuthConfig::Jwt(JwtConfig {
+        key: JwtKey::Secret(TEST_JWT_SECRET.to_vec()),
+        issuer: "crm".into(),
+        audience: "crm".into(),
+        leeway_seconds: 0,
+        service_token_file: None,
+    });
+    cfg.database_max_connections = 5;
+    cfg.shutdown_drain_delay = Duration::from_millis(100);
+    cfg.shutdown_grace = Duration::from_secs(10);
+    cfg.health_check_interval = Duration::from_millis(200);
+    cfg.outbox_poll_interval = Duration::from_millis(20);
+    cfg.consumer_block = Duration::from_millis(200);
+    cfg.consumer_claim_idle = Duration::from_millis(500);
+    cfg.consumer_name = unique_name("c");
+    cfg
+}
+
+/// Mints a test token.
+pub fn token(roles: &[crate::auth::Role], pii: bool) -> String {
+    crate::auth::mint(
+        TEST_JWT_SECRET,
+        &crate::auth::TokenRequest {
+            subject: "tester".into(),
+            roles: roles.to_vec(),
+            permissions: if pii { vec![crate::auth::PII_READ.into()] } else { vec![] },
+            ttl: Duration::from_secs(600),
+            issuer: "crm".into(),
+            audience: "crm".into(),
+        },
+    )
+    .expect("minting a test token")
+}
