@@ -35,6 +35,9 @@ mod bytes_compat {
     pub use prost::bytes::Bytes;
 }
 
+/// How much earlier than the client's deadline the edge gives up.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(5);
+
 /// Shared state of the edge.
 #[derive(Clone)]
 pub struct EdgeLayer {
@@ -160,8 +163,11 @@ where
                 if let Err(e) = state.policy.authorize(&path, &caller) {
                     return Ok(e.into_status(&state.service).into_http());
                 }
+                // tonic enforces the client's grpc-timeout outside this layer but
+                // answers CANCELLED; answering a little earlier gives the client
+                // the DEADLINE_EXCEEDED the gRPC spec asks for.
                 let deadline = match grpc_timeout(req.headers()) {
-                    Some(client) => client.min(state.request_timeout),
+                    Some(client) => client.saturating_sub(DEADLINE_MARGIN).min(state.request_timeout),
                     None => state.request_timeout,
                 };
                 req.extensions_mut().insert::<Caller>(caller);

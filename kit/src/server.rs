@@ -49,6 +49,9 @@ pub struct ServiceSpec {
     pub default_port: u16,
     /// The service's embedded migrations (`sqlx::migrate!()`).
     pub migrator: &'static Migrator,
+    /// Encoded descriptor set holding its contract (`crm_proto::FILE_DESCRIPTOR_SET`),
+    /// served by reflection and used to check the access policy is complete.
+    pub descriptors: &'static [u8],
 }
 
 /// Start-up or serving failure.
@@ -189,8 +192,9 @@ impl Kit {
             KitError::Serve(format!("cannot listen on GRPC_LISTEN_ADDR {}: {e}", self.config.grpc_addr))
         })?;
         let shutdown = self.shutdown.clone();
+        let signal = termination_signal();
         tokio::spawn(async move {
-            wait_for_signal().await;
+            signal.await;
             tracing::info!("termination signal received: draining");
             shutdown.trigger();
         });
@@ -206,7 +210,7 @@ impl Kit {
         policy: AccessPolicy,
     ) -> Result<(), KitError> {
         let missing = policy
-            .undeclared(crm_proto::FILE_DESCRIPTOR_SET, self.spec.grpc_services)
+            .undeclared(self.spec.descriptors, self.spec.grpc_services)
             .map_err(|e| KitError::Wiring(format!("descriptor set: {e}")))?;
         if !missing.is_empty() {
             return Err(KitError::Wiring(format!("RPCs without an access rule: {}", missing.join(", "))));
@@ -282,11 +286,11 @@ impl Kit {
             tonic_health::server::HealthService::from_health_reporter(self.health.clone()),
         );
         let mut v1 = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(crm_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(self.spec.descriptors)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .with_service_name("grpc.health.v1.Health");
         let mut v1alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(crm_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(self.spec.descriptors)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .with_service_name("grpc.health.v1.Health");
         for name in self.spec.grpc_services {
@@ -330,26 +334,34 @@ fn is_connectivity(e: &sqlx::migrate::MigrateError) -> bool {
     matches!(e, sqlx::migrate::MigrateError::Execute(sqlx::Error::PoolTimedOut | sqlx::Error::Io(_)))
 }
 
-/// Resolves on SIGTERM or SIGINT (Ctrl-C).
-pub async fn wait_for_signal() {
+/// Registers SIGTERM and SIGINT handlers now and returns a future resolving
+/// on the first of them. Registering before serving means a signal can never
+/// hit the default action (immediate exit) while requests are in flight.
+pub fn termination_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-            (Ok(mut term), Ok(mut int)) => {
-                tokio::select! {
-                    _ = term.recv() => {},
-                    _ = int.recv() => {},
+        let term = signal(SignalKind::terminate());
+        let int = signal(SignalKind::interrupt());
+        async move {
+            match (term, int) {
+                (Ok(mut term), Ok(mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => {},
+                        _ = int.recv() => {},
+                    }
                 }
-            }
-            _ => {
-                let _ = tokio::signal::ctrl_c().await;
+                _ => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        async move {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 
