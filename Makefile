@@ -1,0 +1,48 @@
+# The retention platform. `make help` lists the targets.
+SHELL := /bin/bash
+CARGO ?= cargo
+# Every service crate under services/ (binary crm-<name>).
+SERVICES := $(notdir $(patsubst %/Cargo.toml,%,$(wildcard services/*/Cargo.toml)))
+
+.PHONY: help test lint fmt run stop logs token datagen backing-services clean-local
+
+help:
+	@echo "make test      run every test (starts PostgreSQL and Redis if needed)"
+	@echo "make lint      cargo fmt --check and clippy -D warnings"
+	@echo "make run       start PostgreSQL, Redis and every service locally ($(SERVICES))"
+	@echo "make stop      stop the services started by make run"
+	@echo "make logs      follow the services' logs"
+	@echo "make token     print an admin token (with pii:read) for grpcurl"
+	@echo "make datagen   write generated CSV data to target/data (CUSTOMERS=, SEED=)"
+
+backing-services:
+	@bash scripts/ensure-backing-services.sh
+
+test: backing-services
+	$(CARGO) test --workspace --locked
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+run: backing-services
+	@bash scripts/run-local.sh start $(SERVICES)
+
+stop:
+	@bash scripts/run-local.sh stop $(SERVICES)
+
+logs:
+	@tail -n 50 -F .local/logs/*.log
+
+token:
+	@$(CARGO) run -q -p crm-kit --bin crm-token -- --role admin --pii --subject "$${USER:-developer}" 2>/dev/null \
+	  || JWT_SECRET_FILE=.local/jwt-secret $(CARGO) run -q -p crm-kit --bin crm-token -- --role admin --pii
+
+datagen:
+	$(CARGO) run -q --release -p crm-datagen -- --customers $${CUSTOMERS:-100000} --seed $${SEED:-42} --out target/data
+
+clean-local: stop
+	rm -rf .local
