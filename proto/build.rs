@@ -4,6 +4,8 @@
 use std::path::PathBuf;
 
 const PROTOS: &[&str] = &[
+    // Served by reflection only, so grpcurl can print rich error details.
+    "google/rpc/error_details.proto",
     "crm/common/v1/common.proto",
     "crm/profiles/v1/profiles.proto",
     "crm/segmentation/v1/segmentation.proto",

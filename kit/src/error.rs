@@ -52,6 +52,14 @@ impl FieldViolations {
         self.add(field, "is required");
     }
 
+    /// Takes over the field violations of another check (e.g.
+    /// `idempotency::validate_request_id`), so they are reported together.
+    pub fn absorb(&mut self, checked: Result<(), ApiError>) {
+        if let Err(ApiError::InvalidArgument(more)) = checked {
+            self.0.extend(more.0);
+        }
+    }
+
     /// Whether no field is bad.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()

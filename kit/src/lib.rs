@@ -19,6 +19,7 @@ pub mod idempotency;
 pub mod lifecycle;
 pub mod metrics;
 pub mod outbox;
+pub mod paging;
 pub mod server;
 pub mod telemetry;
 #[cfg(feature = "testing")]

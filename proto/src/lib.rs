@@ -49,6 +49,12 @@ pub mod analytics {
     }
 }
 
+/// `google.rpc` error details, compiled so reflection can describe them
+/// (the kit builds statuses with `tonic-types`).
+pub mod google_rpc {
+    tonic::include_proto!("google.rpc");
+}
+
 /// Every event payload message carries its fully-qualified protobuf name, so
 /// an [`common::v1::EventEnvelope`] can be built and decoded without strings
 /// scattered through the services.

@@ -1,0 +1,681 @@
+//! Profiles' SQL: customers, identities, transactions, interactions,
+//! consent, timeline, audit and erasure. Nothing here decides business rules.
+
+use chrono::{DateTime, Utc};
+use crm_proto::common::v1::{Date, Money};
+use crm_proto::profiles::v1::{
+    AccessAuditEntry, Address, ConsentChange, ConsentGrant, Customer, ExternalId, Interaction, Organization,
+    TimelineEntry, Transaction,
+};
+use prost::Message;
+use sqlx::postgres::PgRow;
+use sqlx::{PgConnection, Row};
+use uuid::Uuid;
+
+/// A customer row as stored.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    /// The record, unmasked, with output fields filled (except `masked`).
+    pub customer: Customer,
+    /// Optimistic-concurrency version.
+    pub version: i64,
+    /// Set when this id was merged away.
+    pub merged_into: Option<Uuid>,
+}
+
+const COLUMNS: &str = "customer_id, kind, name, phone, email, birth_year, birth_month, birth_day, gender, region, timezone, \
+     preferred_channel, registered_at, address, tags, attributes, organization, tier, merged_into, erased_at, version, \
+     created_at, updated_at";
+
+pub fn ts(t: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 }
+}
+
+pub fn from_ts(t: &prost_types::Timestamp) -> Option<DateTime<Utc>> {
+    DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32)
+}
+
+/// Attributes are stored as an encoded `Customer` holding only them.
+fn encode_attributes(c: &Customer) -> Vec<u8> {
+    Customer { attributes: c.attributes.clone(), ..Default::default() }.encode_to_vec()
+}
+
+fn row_to_stored(row: &PgRow) -> Result<Stored, sqlx::Error> {
+    let id: Uuid = row.try_get("customer_id")?;
+    let birth: (Option<i16>, Option<i16>, Option<i16>) =
+        (row.try_get("birth_year")?, row.try_get("birth_month")?, row.try_get("birth_day")?);
+    let address: Option<Vec<u8>> = row.try_get("address")?;
+    let attributes: Vec<u8> = row.try_get("attributes")?;
+    let organization: Option<Vec<u8>> = row.try_get("organization")?;
+    let version: i64 = row.try_get("version")?;
+    let erased_at: Option<DateTime<Utc>> = row.try_get("erased_at")?;
+    let customer = Customer {
+        customer_id: id.to_string(),
+        kind: row.try_get::<i16, _>("kind")? as i32,
+        name: row.try_get("name")?,
+        phone: row.try_get::<Option<String>, _>("phone")?.unwrap_or_default(),
+        email: row.try_get::<Option<String>, _>("email")?.unwrap_or_default(),
+        birthday: match birth {
+            (y, Some(m), Some(d)) => Some(Date { year: y.unwrap_or(0) as i32, month: m as i32, day: d as i32 }),
+            _ => None,
+        },
+        gender: row.try_get::<i16, _>("gender")? as i32,
+        region: row.try_get("region")?,
+        timezone: row.try_get("timezone")?,
+        preferred_channel: row.try_get::<i16, _>("preferred_channel")? as i32,
+        registered_at: Some(ts(row.try_get("registered_at")?)),
+        address: address.and_then(|b| Address::decode(b.as_slice()).ok()),
+        external_ids: Vec::new(),
+        tags: row.try_get("tags")?,
+        attributes: Customer::decode(attributes.as_slice()).map(|c| c.attributes).unwrap_or_default(),
+        organization: organization.and_then(|b| Organization::decode(b.as_slice()).ok()),
+        tier: row.try_get::<i16, _>("tier")? as i32,
+        completeness: 0,
+        alias_ids: Vec::new(),
+        masked: false,
+        erased: erased_at.is_some(),
+        create_time: Some(ts(row.try_get("created_at")?)),
+        update_time: Some(ts(row.try_get("updated_at")?)),
+        etag: etag(version),
+    };
+    Ok(Stored { customer, version, merged_into: row.try_get("merged_into")? })
+}
+
+/// The etag of a version.
+pub fn etag(version: i64) -> String {
+    format!("v{version}")
+}
+
+/// Loads one row by id (alias rows included), with external ids and aliases.
+pub async fn load(conn: &mut PgConnection, id: Uuid) -> Result<Option<Stored>, sqlx::Error> {
+    let sql = format!("SELECT {COLUMNS} FROM customers WHERE customer_id = $1");
+    let Some(row) = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id).fetch_optional(&mut *conn).await? else {
+        return Ok(None);
+    };
+    let mut stored = row_to_stored(&row)?;
+    let ids: Vec<(String, String)> = sqlx::query_as(
+        "SELECT source, external_id FROM external_ids WHERE customer_id = $1 ORDER BY source, external_id",
+    )
+    .bind(id)
+    .fetch_all(&mut *conn)
+    .await?;
+    stored.customer.external_ids = ids.into_iter().map(|(source, id)| ExternalId { source, id }).collect();
+    let aliases: Vec<Uuid> =
+        sqlx::query_scalar("SELECT customer_id FROM customers WHERE merged_into = $1 ORDER BY customer_id")
+            .bind(id)
+            .fetch_all(&mut *conn)
+            .await?;
+    stored.customer.alias_ids = aliases.into_iter().map(|a| a.to_string()).collect();
+    Ok(Some(stored))
+}
+
+/// Follows merges from `id` to the live record (PRF-3): an alias keeps resolving.
+pub async fn resolve(conn: &mut PgConnection, id: Uuid) -> Result<Option<Uuid>, sqlx::Error> {
+    let found: Option<Uuid> = sqlx::query_scalar(
+        "WITH RECURSIVE chain(id, next, depth) AS ( \
+             SELECT customer_id, merged_into, 0 FROM customers WHERE customer_id = $1 \
+             UNION ALL SELECT c.customer_id, c.merged_into, chain.depth + 1 FROM customers c JOIN chain ON c.customer_id = chain.next \
+             WHERE chain.depth < 32) \
+         SELECT id FROM chain WHERE next IS NULL LIMIT 1",
+    )
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(found)
+}
+
+/// Serialises creates that share an identity (PRF-3): transaction-scoped
+/// advisory locks on each identity key, taken in a stable order.
+pub async fn lock_identities(conn: &mut PgConnection, keys: &[String]) -> Result<(), sqlx::Error> {
+    let mut keys = keys.to_vec();
+    keys.sort();
+    keys.dedup();
+    for k in keys {
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 7))")
+            .bind(format!("profiles:identity:{k}"))
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}
+
+/// The live customer holding one of these identities, with which matched.
+pub async fn find_by_identity(
+    conn: &mut PgConnection,
+    phone: &str,
+    email: &str,
+    external_ids: &[ExternalId],
+) -> Result<Option<(Uuid, &'static str)>, sqlx::Error> {
+    if !phone.is_empty()
+        && let Some(id) =
+            sqlx::query_scalar::<_, Uuid>("SELECT customer_id FROM customers WHERE phone = $1 AND merged_into IS NULL")
+                .bind(phone)
+                .fetch_optional(&mut *conn)
+                .await?
+    {
+        return Ok(Some((id, "phone")));
+    }
+    if !email.is_empty()
+        && let Some(id) =
+            sqlx::query_scalar::<_, Uuid>("SELECT customer_id FROM customers WHERE email = $1 AND merged_into IS NULL")
+                .bind(email)
+                .fetch_optional(&mut *conn)
+                .await?
+    {
+        return Ok(Some((id, "email")));
+    }
+    for x in external_ids {
+        if let Some(id) =
+            sqlx::query_scalar::<_, Uuid>("SELECT customer_id FROM external_ids WHERE source = $1 AND external_id = $2")
+                .bind(&x.source)
+                .bind(&x.id)
+                .fetch_optional(&mut *conn)
+                .await?
+        {
+            let live = resolve(conn, id).await?.unwrap_or(id);
+            return Ok(Some((live, "external_id")));
+        }
+    }
+    Ok(None)
+}
+
+fn birth_parts(c: &Customer) -> (Option<i16>, Option<i16>, Option<i16>) {
+    match &c.birthday {
+        Some(d) => ((d.year != 0).then_some(d.year as i16), Some(d.month as i16), Some(d.day as i16)),
+        None => (None, None, None),
+    }
+}
+
+fn opt(s: &str) -> Option<&str> {
+    (!s.is_empty()).then_some(s)
+}
+
+/// Inserts a new customer (already normalised) with its external ids.
+pub async fn insert(conn: &mut PgConnection, id: Uuid, c: &Customer, now: DateTime<Utc>) -> Result<(), sqlx::Error> {
+    let (by, bm, bd) = birth_parts(c);
+    let registered = c.registered_at.as_ref().and_then(from_ts).unwrap_or(now);
+    sqlx::query(
+        "INSERT INTO customers (customer_id, kind, name, phone, email, birth_year, birth_month, birth_day, gender, region, \
+         timezone, preferred_channel, registered_at, address, tags, attributes, organization, created_at, updated_at) \
+         VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$18)",
+    )
+    .bind(id)
+    .bind(c.kind as i16)
+    .bind(&c.name)
+    .bind(opt(&c.phone))
+    .bind(opt(&c.email))
+    .bind(by)
+    .bind(bm)
+    .bind(bd)
+    .bind(c.gender as i16)
+    .bind(&c.region)
+    .bind(&c.timezone)
+    .bind(c.preferred_channel as i16)
+    .bind(registered)
+    .bind(c.address.as_ref().map(|a| a.encode_to_vec()))
+    .bind(&c.tags)
+    .bind(encode_attributes(c))
+    .bind(c.organization.as_ref().map(|o| o.encode_to_vec()))
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    add_external_ids(conn, id, &c.external_ids).await
+}
+
+/// Links external ids to a customer (ids already linked elsewhere stay there).
+pub async fn add_external_ids(conn: &mut PgConnection, id: Uuid, ids: &[ExternalId]) -> Result<(), sqlx::Error> {
+    for x in ids {
+        sqlx::query(
+            "INSERT INTO external_ids (source, external_id, customer_id) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+        )
+        .bind(&x.source)
+        .bind(&x.id)
+        .bind(id)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Writes every field of `c` over the row if its version is still `expected`;
+/// returns the new version, or `None` when the row changed meanwhile.
+pub async fn update(
+    conn: &mut PgConnection,
+    id: Uuid,
+    c: &Customer,
+    expected: i64,
+    now: DateTime<Utc>,
+) -> Result<Option<i64>, sqlx::Error> {
+    let (by, bm, bd) = birth_parts(c);
+    let registered = c.registered_at.as_ref().and_then(from_ts);
+    let version: Option<i64> = sqlx::query_scalar(
+        "UPDATE customers SET kind=$3, name=$4, phone=$5, email=$6, birth_year=$7, birth_month=$8, birth_day=$9, gender=$10, \
+         region=$11, timezone=$12, preferred_channel=$13, registered_at=COALESCE($14, registered_at), address=$15, tags=$16, \
+         attributes=$17, organization=$18, version=version+1, updated_at=$19 \
+         WHERE customer_id=$1 AND version=$2 AND merged_into IS NULL RETURNING version",
+    )
+    .bind(id)
+    .bind(expected)
+    .bind(c.kind as i16)
+    .bind(&c.name)
+    .bind(opt(&c.phone))
+    .bind(opt(&c.email))
+    .bind(by)
+    .bind(bm)
+    .bind(bd)
+    .bind(c.gender as i16)
+    .bind(&c.region)
+    .bind(&c.timezone)
+    .bind(c.preferred_channel as i16)
+    .bind(registered)
+    .bind(c.address.as_ref().map(|a| a.encode_to_vec()))
+    .bind(&c.tags)
+    .bind(encode_attributes(c))
+    .bind(c.organization.as_ref().map(|o| o.encode_to_vec()))
+    .bind(now)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if version.is_some() {
+        sqlx::query("DELETE FROM external_ids WHERE customer_id = $1").bind(id).execute(&mut *conn).await?;
+        add_external_ids(conn, id, &c.external_ids).await?;
+    }
+    Ok(version)
+}
+
+/// Filters of ListCustomers (PRF-6).
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct ListFilter {
+    pub tags: Vec<String>,
+    pub region: Option<String>,
+    pub tier: Option<i16>,
+    pub kind: Option<i16>,
+    pub text_prefix: Option<String>,
+    pub created: (Option<DateTime<Utc>>, Option<DateTime<Utc>>),
+    pub updated: (Option<DateTime<Utc>>, Option<DateTime<Utc>>),
+}
+
+/// A page of live customers ordered by (created_at, customer_id) after `after`.
+pub async fn list(
+    conn: &mut PgConnection,
+    f: &ListFilter,
+    after: Option<(DateTime<Utc>, Uuid)>,
+    limit: usize,
+) -> Result<Vec<Stored>, sqlx::Error> {
+    // Every value is a bind parameter; the text prefix is escaped for LIKE.
+    let prefix = f
+        .text_prefix
+        .as_ref()
+        .map(|p| format!("{}%", p.to_lowercase().replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_")));
+    let phone_prefix = f.text_prefix.as_ref().and_then(|p| {
+        let digits: String = p.chars().filter(|c| c.is_ascii_digit()).collect();
+        (!digits.is_empty()).then(|| format!("+%{digits}%"))
+    });
+    let sql = format!(
+        "SELECT {COLUMNS} FROM customers WHERE merged_into IS NULL \
+         AND ($1::text[] = '{{}}' OR tags @> $1) \
+         AND ($2::text IS NULL OR region = $2) \
+         AND ($3::smallint IS NULL OR tier = $3) \
+         AND ($4::smallint IS NULL OR kind = $4) \
+         AND ($5::text IS NULL OR lower(name) LIKE $5 OR email LIKE $5 OR ($6::text IS NOT NULL AND phone LIKE $6)) \
+         AND ($7::timestamptz IS NULL OR created_at >= $7) AND ($8::timestamptz IS NULL OR created_at < $8) \
+         AND ($9::timestamptz IS NULL OR updated_at >= $9) AND ($10::timestamptz IS NULL OR updated_at < $10) \
+         AND ($11::timestamptz IS NULL OR (created_at, customer_id) > ($11, $12)) \
+         ORDER BY created_at, customer_id LIMIT $13"
+    );
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(&f.tags)
+        .bind(&f.region)
+        .bind(f.tier)
+        .bind(f.kind)
+        .bind(&prefix)
+        .bind(&phone_prefix)
+        .bind(f.created.0)
+        .bind(f.created.1)
+        .bind(f.updated.0)
+        .bind(f.updated.1)
+        .bind(after.map(|a| a.0))
+        .bind(after.map(|a| a.1))
+        .bind(limit as i64)
+        .fetch_all(&mut *conn)
+        .await?;
+    rows.iter().map(row_to_stored).collect()
+}
+
+/// Records transactions, skipping ids already present; returns the rows inserted.
+pub async fn insert_transactions(
+    conn: &mut PgConnection,
+    rows: &[(Uuid, Transaction)],
+) -> Result<Vec<String>, sqlx::Error> {
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut ids = Vec::with_capacity(rows.len());
+    let mut customers = Vec::with_capacity(rows.len());
+    let mut kinds = Vec::with_capacity(rows.len());
+    let mut amounts = Vec::with_capacity(rows.len());
+    let mut currencies = Vec::with_capacity(rows.len());
+    let mut times = Vec::with_capacity(rows.len());
+    let mut products = Vec::with_capacity(rows.len());
+    let mut categories = Vec::with_capacity(rows.len());
+    let mut channels = Vec::with_capacity(rows.len());
+    for (customer, t) in rows {
+        let amount = t.amount.clone().unwrap_or_default();
+        ids.push(t.transaction_id.clone());
+        customers.push(*customer);
+        kinds.push(t.kind as i16);
+        amounts.push(amount.amount_minor);
+        currencies.push(amount.currency);
+        times.push(t.occurred_at.as_ref().and_then(from_ts).unwrap_or_else(Utc::now));
+        products.push(t.product_id.clone());
+        categories.push(t.category.clone());
+        channels.push(t.channel as i16);
+    }
+    sqlx::query_scalar(
+        "INSERT INTO transactions (transaction_id, customer_id, kind, amount_minor, currency, occurred_at, product_id, category, channel) \
+         SELECT * FROM UNNEST($1::text[], $2::uuid[], $3::smallint[], $4::bigint[], $5::text[], $6::timestamptz[], $7::text[], $8::text[], $9::smallint[]) \
+         ON CONFLICT (transaction_id) DO NOTHING RETURNING transaction_id",
+    )
+    .bind(&ids)
+    .bind(&customers)
+    .bind(&kinds)
+    .bind(&amounts)
+    .bind(&currencies)
+    .bind(&times)
+    .bind(&products)
+    .bind(&categories)
+    .bind(&channels)
+    .fetch_all(&mut *conn)
+    .await
+}
+
+/// Records interactions, skipping ids already present; returns the rows inserted.
+pub async fn insert_interactions(
+    conn: &mut PgConnection,
+    rows: &[(Uuid, Interaction)],
+) -> Result<Vec<String>, sqlx::Error> {
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<String> = rows.iter().map(|r| r.1.interaction_id.clone()).collect();
+    let customers: Vec<Uuid> = rows.iter().map(|r| r.0).collect();
+    let kinds: Vec<i16> = rows.iter().map(|r| r.1.kind as i16).collect();
+    let channels: Vec<i16> = rows.iter().map(|r| r.1.channel as i16).collect();
+    let directions: Vec<i16> = rows.iter().map(|r| r.1.direction as i16).collect();
+    let times: Vec<DateTime<Utc>> =
+        rows.iter().map(|r| r.1.occurred_at.as_ref().and_then(from_ts).unwrap_or_else(Utc::now)).collect();
+    let notes: Vec<String> = rows.iter().map(|r| r.1.note.clone()).collect();
+    sqlx::query_scalar(
+        "INSERT INTO interactions (interaction_id, customer_id, kind, channel, direction, occurred_at, note) \
+         SELECT * FROM UNNEST($1::text[], $2::uuid[], $3::smallint[], $4::smallint[], $5::smallint[], $6::timestamptz[], $7::text[]) \
+         ON CONFLICT (interaction_id) DO NOTHING RETURNING interaction_id",
+    )
+    .bind(&ids)
+    .bind(&customers)
+    .bind(&kinds)
+    .bind(&channels)
+    .bind(&directions)
+    .bind(&times)
+    .bind(&notes)
+    .fetch_all(&mut *conn)
+    .await
+}
+
+/// Which of these ids are live (not merged away, not erased) customers.
+pub async fn live_ids(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<Uuid>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT customer_id FROM customers WHERE customer_id = ANY($1) AND merged_into IS NULL AND erased_at IS NULL",
+    )
+    .bind(ids)
+    .fetch_all(&mut *conn)
+    .await
+}
+
+fn grant_from_row(row: &PgRow) -> Result<ConsentGrant, sqlx::Error> {
+    let expires: Option<DateTime<Utc>> = row.try_get("expires_at")?;
+    let granted: bool = row.try_get("granted")?;
+    Ok(ConsentGrant {
+        channel: row.try_get::<i16, _>("channel")? as i32,
+        purpose: row.try_get::<i16, _>("purpose")? as i32,
+        // PRF-7: an expired grant counts as no consent.
+        granted: granted && expires.is_none_or(|e| e > Utc::now()),
+        source: row.try_get("source")?,
+        update_time: Some(ts(row.try_get("updated_at")?)),
+        expire_time: expires.map(ts),
+    })
+}
+
+/// Current consent of a customer.
+pub async fn consents(conn: &mut PgConnection, id: Uuid) -> Result<Vec<ConsentGrant>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT channel, purpose, granted, source, updated_at, expires_at FROM consents WHERE customer_id = $1 ORDER BY channel, purpose",
+    )
+    .bind(id)
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter().map(grant_from_row).collect()
+}
+
+/// Sets one grant and appends it to the history.
+pub async fn set_consent(
+    conn: &mut PgConnection,
+    id: Uuid,
+    g: &ConsentGrant,
+    by: &str,
+    now: DateTime<Utc>,
+) -> Result<(), sqlx::Error> {
+    let expires = g.expire_time.as_ref().and_then(from_ts);
+    sqlx::query(
+        "INSERT INTO consents (customer_id, channel, purpose, granted, source, updated_at, expires_at) VALUES ($1,$2,$3,$4,$5,$6,$7) \
+         ON CONFLICT (customer_id, channel, purpose) DO UPDATE SET granted=$4, source=$5, updated_at=$6, expires_at=$7",
+    )
+    .bind(id)
+    .bind(g.channel as i16)
+    .bind(g.purpose as i16)
+    .bind(g.granted)
+    .bind(&g.source)
+    .bind(now)
+    .bind(expires)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(
+        "INSERT INTO consent_history (customer_id, channel, purpose, granted, source, changed_at, expires_at, changed_by) \
+         VALUES ($1,$2,$3,$4,$5,$6,$7,$8)",
+    )
+    .bind(id)
+    .bind(g.channel as i16)
+    .bind(g.purpose as i16)
+    .bind(g.granted)
+    .bind(&g.source)
+    .bind(now)
+    .bind(expires)
+    .bind(by)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Consent history, newest first, after history id `before` (exclusive).
+pub async fn consent_history(
+    conn: &mut PgConnection,
+    id: Uuid,
+    before: Option<i64>,
+    limit: usize,
+) -> Result<Vec<(i64, ConsentChange)>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT id, channel, purpose, granted, source, changed_at AS updated_at, expires_at, changed_by FROM consent_history \
+         WHERE customer_id = $1 AND ($2::bigint IS NULL OR id < $2) ORDER BY id DESC LIMIT $3",
+    )
+    .bind(id)
+    .bind(before)
+    .bind(limit as i64)
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            let mut grant = grant_from_row(r)?;
+            grant.granted = r.try_get("granted")?;
+            Ok((r.try_get("id")?, ConsentChange { grant: Some(grant), changed_by: r.try_get("changed_by")? }))
+        })
+        .collect()
+}
+
+/// A timeline cursor: (occurred_at, kind, source id) of the last entry shown.
+pub type TimelineCursor = (DateTime<Utc>, i32, String);
+
+/// Timeline entries of `ids` (a customer and its aliases), newest first (PRF-5).
+pub async fn timeline(
+    conn: &mut PgConnection,
+    ids: &[Uuid],
+    kinds: &[i32],
+    range: (Option<DateTime<Utc>>, Option<DateTime<Utc>>),
+    after: Option<&TimelineCursor>,
+    limit: usize,
+) -> Result<Vec<TimelineEntry>, sqlx::Error> {
+    let kinds16: Vec<i16> = kinds.iter().map(|k| *k as i16).collect();
+    let rows = sqlx::query(
+        "SELECT * FROM ( \
+           SELECT 1::smallint AS kind, occurred_at, channel, \
+                  CASE WHEN kind = 2 THEN 'Refund ' ELSE 'Purchase ' END || to_char(amount_minor / 100.0, 'FM999999999990.00') || ' ' || currency \
+                  || CASE WHEN category <> '' THEN ' ' || category ELSE '' END AS summary, \
+                  transaction_id AS source_id, 'profiles' AS source_service, amount_minor, currency::text AS currency \
+             FROM transactions WHERE customer_id = ANY($1) \
+           UNION ALL \
+           SELECT 2::smallint, occurred_at, channel, 'Interaction ' || kind::text || CASE WHEN note <> '' THEN ': ' || left(note, 80) ELSE '' END, \
+                  interaction_id, 'profiles', NULL::bigint, NULL::text FROM interactions WHERE customer_id = ANY($1) \
+           UNION ALL \
+           SELECT 5::smallint, changed_at, channel, CASE WHEN granted THEN 'Consent granted' ELSE 'Consent withdrawn' END \
+                  || ' (purpose ' || purpose::text || ')', 'consent-' || id::text, 'profiles', NULL::bigint, NULL::text \
+             FROM consent_history WHERE customer_id = ANY($1) \
+           UNION ALL \
+           SELECT kind, occurred_at, channel, summary, source_id, source_service, amount_minor, currency::text \
+             FROM timeline_external WHERE customer_id = ANY($1) \
+         ) t \
+         WHERE (cardinality($2::smallint[]) = 0 OR kind = ANY($2)) \
+           AND ($3::timestamptz IS NULL OR occurred_at >= $3) AND ($4::timestamptz IS NULL OR occurred_at < $4) \
+           AND ($5::timestamptz IS NULL OR (occurred_at, kind, source_id) < ($5, $6::smallint, $7)) \
+         ORDER BY occurred_at DESC, kind DESC, source_id DESC LIMIT $8",
+    )
+    .bind(ids)
+    .bind(&kinds16)
+    .bind(range.0)
+    .bind(range.1)
+    .bind(after.map(|a| a.0))
+    .bind(after.map(|a| a.1 as i16))
+    .bind(after.map(|a| a.2.clone()))
+    .bind(limit as i64)
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            let amount: Option<i64> = r.try_get("amount_minor")?;
+            let currency: Option<String> = r.try_get("currency")?;
+            Ok(TimelineEntry {
+                kind: r.try_get::<i16, _>("kind")? as i32,
+                occurred_at: Some(ts(r.try_get("occurred_at")?)),
+                channel: r.try_get::<i16, _>("channel")? as i32,
+                summary: r.try_get("summary")?,
+                source_id: r.try_get("source_id")?,
+                source_service: r.try_get("source_service")?,
+                amount: amount.map(|a| Money { amount_minor: a, currency: currency.unwrap_or_default() }),
+            })
+        })
+        .collect()
+}
+
+/// All ids whose rows belong to `id` (itself and its aliases).
+pub async fn identity_set(conn: &mut PgConnection, id: Uuid) -> Result<Vec<Uuid>, sqlx::Error> {
+    sqlx::query_scalar(
+        "WITH RECURSIVE tree(id) AS (SELECT $1::uuid UNION SELECT c.customer_id FROM customers c JOIN tree ON c.merged_into = tree.id) \
+         SELECT id FROM tree",
+    )
+    .bind(id)
+    .fetch_all(&mut *conn)
+    .await
+}
+
+/// Appends an unmasked read to the audit (SEC-1).
+pub async fn audit(
+    conn: &mut PgConnection,
+    subject: &str,
+    customer: Uuid,
+    method: &str,
+    purpose: &str,
+    trace_id: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO access_audit (subject, customer_id, method, purpose, trace_id) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(subject)
+    .bind(customer)
+    .bind(method)
+    .bind(purpose)
+    .bind(trace_id)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Audit entries matching the filters, newest first, before id `before`.
+pub async fn audit_entries(
+    conn: &mut PgConnection,
+    customer: Option<Uuid>,
+    subject: Option<&str>,
+    range: (Option<DateTime<Utc>>, Option<DateTime<Utc>>),
+    before: Option<i64>,
+    limit: usize,
+) -> Result<Vec<(i64, AccessAuditEntry)>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT id, subject, access_time, customer_id, method, purpose, trace_id FROM access_audit \
+         WHERE ($1::uuid IS NULL OR customer_id = $1) AND ($2::text IS NULL OR subject = $2) \
+           AND ($3::timestamptz IS NULL OR access_time >= $3) AND ($4::timestamptz IS NULL OR access_time < $4) \
+           AND ($5::bigint IS NULL OR id < $5) ORDER BY id DESC LIMIT $6",
+    )
+    .bind(customer)
+    .bind(subject)
+    .bind(range.0)
+    .bind(range.1)
+    .bind(before)
+    .bind(limit as i64)
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok((
+                r.try_get("id")?,
+                AccessAuditEntry {
+                    subject: r.try_get("subject")?,
+                    access_time: Some(ts(r.try_get("access_time")?)),
+                    customer_id: r.try_get::<Uuid, _>("customer_id")?.to_string(),
+                    method: r.try_get("method")?,
+                    purpose: r.try_get("purpose")?,
+                    trace_id: r.try_get("trace_id")?,
+                },
+            ))
+        })
+        .collect()
+}
+
+/// PRF-8: removes personal data of `ids` irreversibly; keeps the rows (and
+/// aggregates without identity: transactions) so history stays consistent.
+pub async fn erase(conn: &mut PgConnection, ids: &[Uuid], now: DateTime<Utc>) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE customers SET name = 'erased', phone = NULL, email = NULL, birth_year = NULL, birth_month = NULL, birth_day = NULL, \
+         gender = 0, address = NULL, tags = '{}', attributes = '', organization = NULL, erased_at = COALESCE(erased_at, $2), \
+         version = version + 1, updated_at = $2 WHERE customer_id = ANY($1)",
+    )
+    .bind(ids)
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query("DELETE FROM external_ids WHERE customer_id = ANY($1)").bind(ids).execute(&mut *conn).await?;
+    sqlx::query("UPDATE interactions SET note = '' WHERE customer_id = ANY($1)").bind(ids).execute(&mut *conn).await?;
+    sqlx::query("UPDATE consent_history SET source = '' WHERE customer_id = ANY($1)")
+        .bind(ids)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("UPDATE timeline_external SET summary = 'erased' WHERE customer_id = ANY($1)")
+        .bind(ids)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
