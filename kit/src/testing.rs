@@ -4,7 +4,10 @@
 //! parallel without seeing each other's rows; stream names are unique per
 //! test too. `TEST_DATABASE_URL` and `TEST_REDIS_URL` override the defaults.
 
+use std::sync::OnceLock;
 use std::time::Duration;
+
+use opentelemetry_sdk::trace::InMemorySpanExporter;
 
 use sqlx::Connection;
 
@@ -46,6 +49,7 @@ pub async fn test_database_url() -> String {
 /// A configuration for a service named `service` with its own fresh schema,
 /// a JWT secret, ephemeral ports and fast timings.
 pub async fn config(service: &str) -> KitConfig {
+    telemetry();
     let url = test_database_url().await;
     let env = Env::from_pairs([
         ("DATABASE_URL", url.as_str()),
@@ -88,4 +92,18 @@ pub fn token(roles: &[crate::auth::Role], pii: bool) -> String {
         },
     )
     .expect("minting a test token")
+}
+
+/// Installs telemetry once per test binary with an in-memory span exporter,
+/// so trace ids exist (as in production) and tests can inspect spans.
+pub fn telemetry() -> &'static InMemorySpanExporter {
+    static EXPORTER: OnceLock<InMemorySpanExporter> = OnceLock::new();
+    EXPORTER.get_or_init(|| {
+        let exporter = InMemorySpanExporter::default();
+        let guard =
+            crate::telemetry::init_with_exporter("crm-tests", exporter.clone()).expect("telemetry installs once");
+        // Spans are exported as they end; the provider lives as long as the test binary.
+        std::mem::forget(guard);
+        exporter
+    })
 }

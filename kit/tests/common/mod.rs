@@ -3,7 +3,6 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use crm_kit::auth::roles;
@@ -30,14 +29,7 @@ pub const PROBE: &str = "crm.kittest.v1.ProbeService";
 
 /// The in-memory span exporter shared by all tests of a binary.
 pub fn spans() -> &'static InMemorySpanExporter {
-    static EXPORTER: OnceLock<InMemorySpanExporter> = OnceLock::new();
-    EXPORTER.get_or_init(|| {
-        let exporter = InMemorySpanExporter::default();
-        let guard = crm_kit::telemetry::init_with_exporter("kit-tests", exporter.clone()).expect("telemetry");
-        // Keep the provider for the life of the test binary.
-        std::mem::forget(guard);
-        exporter
-    })
+    crm_kit::testing::telemetry()
 }
 
 pub fn policy() -> AccessPolicy {

@@ -31,8 +31,12 @@ pub fn ts(t: DateTime<Utc>) -> prost_types::Timestamp {
     prost_types::Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 }
 }
 
+/// A protobuf timestamp as a time, `None` when it is not a valid one.
 pub fn from_ts(t: &prost_types::Timestamp) -> Option<DateTime<Utc>> {
-    DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32)
+    if !(0..1_000_000_000).contains(&t.nanos) {
+        return None;
+    }
+    DateTime::from_timestamp(t.seconds, t.nanos as u32)
 }
 
 /// Attributes are stored as an encoded `Customer` holding only them.

@@ -1,0 +1,699 @@
+//! Profiles through gRPC against real PostgreSQL and Redis (SPEC 4.1).
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::{bad_fields, create, person, ts};
+use crm_kit::Role;
+use crm_proto::common::v1::{Channel, Money, Purpose, TimeRange};
+use crm_proto::profiles::v1 as pb;
+use tonic::Code;
+
+#[tokio::test]
+async fn prf3_concurrent_creates_with_one_phone_give_one_customer() {
+    let app = common::start().await;
+    let client = app.admin();
+    let calls = (0..16).map(|i| {
+        let mut c = client.clone();
+        async move {
+            c.create_customer(pb::CreateCustomerRequest {
+                customer: Some(person(&format!("Racer {i}"), "+86 139 0000 0001", "")),
+                request_id: format!("race-{i}"),
+            })
+            .await
+            .map(|r| r.into_inner())
+        }
+    });
+    let results: Vec<_> = futures_util::future::join_all(calls).await.into_iter().map(|r| r.expect("create")).collect();
+    let ids: HashSet<_> = results.iter().map(|r| r.customer.as_ref().expect("c").customer_id.clone()).collect();
+    assert_eq!(ids.len(), 1, "one customer for one phone");
+    assert_eq!(results.iter().filter(|r| r.created).count(), 1);
+    assert!(results.iter().filter(|r| !r.created).all(|r| r.matched_by == "phone"));
+    assert_eq!(app.count("customers").await, 1);
+}
+
+#[tokio::test]
+async fn prf3_a_create_matching_by_email_fills_empty_fields_without_duplicating() {
+    let app = common::start().await;
+    let mut admin = app.admin();
+    let first = create(&mut admin, person("Wei Li", "", "wei@example.com")).await;
+    let second = admin
+        .create_customer(pb::CreateCustomerRequest {
+            customer: Some(pb::Customer {
+                tags: vec!["vip".into()],
+                ..person("Wei Li", "+6581234567", "WEI@example.com")
+            }),
+            request_id: "second".into(),
+        })
+        .await
+        .expect("create")
+        .into_inner();
+    assert!(!second.created);
+    assert_eq!(second.matched_by, "email");
+    assert_eq!(second.customer.expect("customer").customer_id, first.customer_id);
+    let c = admin
+        .get_customer(pb::GetCustomerRequest { customer_id: first.customer_id.clone(), purpose: "check".into() })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(c.phone, "+6581234567", "the empty phone was filled in");
+    assert_eq!(c.tags, ["vip"]);
+    assert_eq!(app.count("customers").await, 1);
+}
+
+#[tokio::test]
+async fn prf9_a_read_after_a_completed_update_never_returns_the_old_profile() {
+    let app = common::start().await;
+    let mut admin = app.admin();
+    let c = create(&mut admin, person("Version 0", "+8613900000002", "")).await;
+    let id = c.customer_id.clone();
+    // Readers hammer the same profile while it is updated, keeping it hot in the cache.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readers: Vec<_> = (0..4)
+        .map(|_| {
+            let mut r = app.admin();
+            let id = id.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = r
+                        .get_customer(pb::GetCustomerRequest { customer_id: id.clone(), purpose: "test".into() })
+                        .await;
+                }
+            })
+        })
+        .collect();
+    for i in 1..=40 {
+        let updated = admin
+            .update_customer(pb::UpdateCustomerRequest {
+                customer: Some(pb::Customer {
+                    customer_id: id.clone(),
+                    name: format!("Version {i}"),
+                    ..Default::default()
+                }),
+                update_mask: Some(prost_types::FieldMask { paths: vec!["name".into()] }),
+                etag: String::new(),
+                request_id: format!("upd-{i}"),
+            })
+            .await
+            .expect("update")
+            .into_inner();
+        assert_eq!(updated.etag, format!("v{}", i + 1));
+        let read = admin
+            .get_customer(pb::GetCustomerRequest { customer_id: id.clone(), purpose: "test".into() })
+            .await
+            .expect("get")
+            .into_inner();
+        assert_eq!(read.name, format!("Version {i}"), "read after update {i} returned an older profile");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for r in readers {
+        r.await.expect("reader");
+    }
+}
+
+#[tokio::test]
+async fn prf9_with_redis_at_a_closed_port_reads_still_answer() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let app = common::start_with(|c| c.redis_url = format!("redis://127.0.0.1:{port}")).await;
+    let mut admin = app.admin();
+    let c = create(&mut admin, person("No Cache", "+8613900000003", "")).await;
+    for _ in 0..3 {
+        let read = admin
+            .get_customer(pb::GetCustomerRequest { customer_id: c.customer_id.clone(), purpose: "test".into() })
+            .await
+            .expect("GetCustomer answers from PostgreSQL")
+            .into_inner();
+        assert_eq!(read.name, "No Cache");
+    }
+    let updated = admin
+        .update_customer(pb::UpdateCustomerRequest {
+            customer: Some(pb::Customer {
+                customer_id: c.customer_id.clone(),
+                region: "CN-BJ".into(),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask { paths: vec!["region".into()] }),
+            etag: String::new(),
+            request_id: "r".into(),
+        })
+        .await
+        .expect("updates work without Redis")
+        .into_inner();
+    assert_eq!(updated.region, "CN-BJ");
+}
+
+#[tokio::test]
+async fn sec1_without_pii_read_personal_data_is_masked_and_unmasked_reads_are_audited() {
+    let app = common::start().await;
+    let mut admin = app.admin();
+    let c = create(&mut admin, person("张三丰", "+8613812345678", "zhang@example.com")).await;
+    let get = |purpose: &str| pb::GetCustomerRequest { customer_id: c.customer_id.clone(), purpose: purpose.into() };
+
+    let agent = app.client(&[Role::Agent], false).get_customer(get("call")).await.expect("agent").into_inner();
+    assert!(agent.masked);
+    assert_eq!(
+        (agent.name.as_str(), agent.phone.as_str(), agent.email.as_str()),
+        ("张**", "138****5678", "z***@example.com")
+    );
+
+    let no_purpose = admin.get_customer(get("")).await.expect("no purpose").into_inner();
+    assert!(no_purpose.masked, "pii:read without a stated purpose stays masked");
+    assert_eq!(app.count("access_audit").await, 0);
+
+    let full = admin.get_customer(get("complaint #42")).await.expect("admin").into_inner();
+    assert!(!full.masked);
+    assert_eq!(full.phone, "+8613812345678");
+    let audit = admin
+        .list_access_audit(pb::ListAccessAuditRequest { customer_id: c.customer_id.clone(), ..Default::default() })
+        .await
+        .expect("audit")
+        .into_inner();
+    assert_eq!(audit.entries.len(), 1);
+    let entry = &audit.entries[0];
+    assert_eq!((entry.subject.as_str(), entry.purpose.as_str()), ("tester", "complaint #42"));
+    assert_eq!(entry.method, "/crm.profiles.v1.ProfilesService/GetCustomer");
+    assert_eq!(entry.trace_id.len(), 32);
+
+    let tampered = sqlx::query("DELETE FROM access_audit").execute(&app.pool).await;
+    assert!(tampered.is_err(), "the audit is append-only");
+    let denied = app.client(&[Role::Agent], true).list_access_audit(pb::ListAccessAuditRequest::default()).await;
+    assert_eq!(denied.expect_err("agents cannot read the audit").code(), Code::PermissionDenied);
+}
+
+#[tokio::test]
+async fn prf8_erase_removes_personal_data_everywhere_in_profiles_and_is_idempotent() {
+    let app = common::start().await;
+    let mut admin = app.admin();
+    let c = create(
+        &mut admin,
+        pb::Customer { tags: vec!["vip".into()], ..person("Erase Me", "+8613900000004", "erase@example.com") },
+    )
+    .await;
+    // Warm the cache with the unmasked record.
+    admin
+        .get_customer(pb::GetCustomerRequest { customer_id: c.customer_id.clone(), purpose: "t".into() })
+        .await
+        .expect("get");
+    admin
+        .batch_record_interactions(pb::BatchRecordInteractionsRequest {
+            interactions: vec![pb::Interaction {
+                interaction_id: "i1".into(),
+                customer_id: c.customer_id.clone(),
+                kind: pb::InteractionKind::Inquiry as i32,
+                occurred_at: ts(1_760_000_000),
+                note: "my address is 1 Secret Road".into(),
+                ..Default::default()
+            }],
+            request_id: "i".into(),
+        })
+        .await
+        .expect("interactions");
+    let erase = |request_id: &str| pb::EraseCustomerRequest {
+        customer_id: c.customer_id.clone(),
+        reason: "GDPR request 7".into(),
+        request_id: request_id.into(),
+    };
+    let first = admin.erase_customer(erase("e1")).await.expect("erase").into_inner().status.expect("status");
+    assert!(first.confirmed.contains_key("profiles"));
+    assert!(first.pending.contains(&"segmentation".to_string()));
+    let second = admin.erase_customer(erase("e2")).await.expect("erase again").into_inner().status.expect("status");
+    assert_eq!(first.request_time, second.request_time, "a second erasure changes nothing");
+
+    let read = admin
+        .get_customer(pb::GetCustomerRequest { customer_id: c.customer_id.clone(), purpose: "t".into() })
+        .await
+        .expect("get")
+        .into_inner();
+    assert!(read.erased);
+    assert!(read.phone.is_empty() && read.email.is_empty() && read.tags.is_empty());
+    assert_ne!(read.name, "Erase Me");
+    let leftovers: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM customers WHERE name = 'Erase Me' OR phone IS NOT NULL OR email IS NOT NULL) \
+              + (SELECT count(*) FROM interactions WHERE note <> '') + (SELECT count(*) FROM external_ids)",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .expect("count");
+    assert_eq!(leftovers, 0, "no personal data left in profiles' tables");
+    let events: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM kit_outbox WHERE event_type = 'crm.profiles.v1.CustomerErased'")
+            .fetch_one(&app.pool)
+            .await
+            .expect("count");
+    assert_eq!(events, 1, "CustomerErased is emitted once");
+    let update = admin
+        .update_customer(pb::UpdateCustomerRequest {
+            customer: Some(pb::Customer {
+                customer_id: c.customer_id.clone(),
+                name: "Back".into(),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask { paths: vec!["name".into()] }),
+            etag: String::new(),
+            request_id: "after-erase".into(),
+        })
+        .await
+        .expect_err("an erased customer cannot be updated");
+    assert_eq!(update.code(), Code::FailedPrecondition);
+}
+
+#[tokio::test]
+async fn prf4_transactions_are_idempotent_by_id_and_rows_are_rejected_with_reasons() {
+    let app = common::start().await;
+    let mut admin = app.admin();
+    let c = create(&mut admin, person("Buyer", "+8613900000005", "")).await;
+    let tx = |id: &str, customer: &str, amount: i64, at: i64| pb::Transaction {
+        transaction_id: id.into(),
+        customer_id: customer.into(),
+        kind: pb::TransactionKind::Purchase as i32,
+        amount: Some(Money { amount_minor: amount, currency: "CNY".into() }),
+        occurred_at: ts(at),
+        category: "shoes".into(),
+        channel: Channel::Online as i32,
+        ..Default::default()
+    };
+    let batch = pb::BatchRecordTransactionsRequest {
+        transactions: vec![
+            tx("t1", &c.customer_id, 19_900, 1_760_000_000),
+            tx("t2", &c.customer_id, 5_000, 1_760_100_000),
+            tx("t3", "00000000-0000-0000-0000-000000000000", 100, 1_760_000_000),
+            tx("t4", &c.customer_id, -1, 1_760_000_000),
+        ],
+        request_id: "batch-1".into(),
+    };
+    let r = admin.batch_record_transactions(batch.clone()).await.expect("batch").into_inner();
+    assert_eq!((r.accepted, r.duplicates), (2, 0));
+    let rejected: Vec<_> = r.rejections.iter().map(|x| (x.index, x.field.as_str())).collect();
+    assert_eq!(rejected, [(2, "customer_id"), (3, "amount.amount_minor")]);
+    let again = admin
+        .batch_record_transactions(pb::BatchRecordTransactionsRequest { request_id: "batch-2".into(), ..batch })
+        .await
+        .expect("again")
+        .into_inner();
+    assert_eq!((again.accepted, again.duplicates), (0, 2), "same transaction ids are not recorded twice");
+    assert_eq!(app.count("transactions").await, 2);
+    let events: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM kit_outbox WHERE event_type = 'crm.profiles.v1.TransactionRecorded'")
+            .fetch_one(&app.pool)
+            .await
+            .expect("count");
+    assert_eq!(events, 2);
+
+    // PRF-5: the timeline, newest first, paginated.
+    let mut token = String::new();
+    let mut seen = Vec::new();
+    loop {
+        let page = admin
+            .list_timeline(pb::ListTimelineRequest {
+                customer_id: c.customer_id.clone(),
+                page_size: 1,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("timeline")
+            .into_inner();
+        seen.extend(page.entries.iter().map(|e| e.source_id.clone()));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(seen, ["t2", "t1"]);
+}
+
+#[tokio::test]
+async fn prf7_consent_opt_out_takes_effect_and_expired_grants_count_as_none() {
+    let app = common::start().await;
+    let mut admin = app.admin();
+    let c = create(&mut admin, person("Consenting", "+8613900000006", "")).await;
+    let grant = |channel: Channel, granted: bool, expire: Option<i64>| pb::ConsentGrant {
+        channel: channel as i32,
+        purpose: Purpose::Marketing as i32,
+        granted,
+        source: "app-signup".into(),
+        expire_time: expire.and_then(ts),
+        ..Default::default()
+    };
+    let update = |changes, id: &str| pb::UpdateConsentRequest {
+        customer_id: c.customer_id.clone(),
+        changes,
+        request_id: id.into(),
+    };
+    admin
+        .update_consent(update(
+            vec![grant(Channel::Sms, true, None), grant(Channel::Email, true, Some(1_000_000_000))],
+            "c1",
+        ))
+        .await
+        .expect("grant");
+    let state =
+        admin.update_consent(update(vec![grant(Channel::Sms, false, None)], "c2")).await.expect("opt out").into_inner();
+    let by_channel = |ch: Channel| state.grants.iter().find(|g| g.channel == ch as i32).expect("grant").granted;
+    assert!(!by_channel(Channel::Sms), "opt-out is immediate");
+    assert!(!by_channel(Channel::Email), "an expired grant counts as no consent");
+    let history = admin
+        .list_consent_history(pb::ListConsentHistoryRequest {
+            customer_id: c.customer_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("history")
+        .into_inner();
+    assert_eq!(history.changes.len(), 3);
+    assert_eq!(history.changes[0].changed_by, "tester");
+    let events: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM kit_outbox WHERE event_type = 'crm.profiles.v1.ConsentChanged'")
+            .fetch_one(&app.pool)
+            .await
+            .expect("count");
+    assert_eq!(events, 2);
+}
+
+#[tokio::test]
+async fn prf6_list_filters_and_pages_through_every_match_once() {
+    let app = common::start().await;
+    let mut admin = app.admin();
+    for i in 0..7 {
+        let region = if i % 2 == 0 { "CN-SH" } else { "CN-BJ" };
+        create(
+            &mut admin,
+            pb::Customer {
+                region: region.into(),
+                tags: vec!["wave".into()],
+                ..person(&format!("Lister {i}"), &format!("+86139000001{i:02}"), "")
+            },
+        )
+        .await;
+    }
+    create(&mut admin, person("Someone Else", "+8613900000200", "")).await;
+    let mut names = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = admin
+            .list_customers(pb::ListCustomersRequest {
+                tags: vec!["wave".into()],
+                region: "CN-SH".into(),
+                page_size: 2,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("list")
+            .into_inner();
+        names.extend(page.customers.iter().map(|c| c.name.clone()));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(names.len(), 4, "{names:?}");
+    let by_prefix = admin
+        .list_customers(pb::ListCustomersRequest {
+            text_prefix: "lister".into(),
+            purpose: "check".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("prefix")
+        .into_inner();
+    assert_eq!(by_prefix.customers.len(), 7);
+    let foreign_token = token_of(&mut admin).await;
+    let other_filter = admin
+        .list_customers(pb::ListCustomersRequest {
+            region: "CN-BJ".into(),
+            page_token: foreign_token,
+            ..Default::default()
+        })
+        .await
+        .expect_err("a token of another filter is refused");
+    assert_eq!(bad_fields(&other_filter), ["page_token"]);
+}
+
+async fn token_of(admin: &mut common::Client) -> String {
+    admin
+        .list_customers(pb::ListCustomersRequest { page_size: 1, ..Default::default() })
+        .await
+        .expect("list")
+        .into_inner()
+        .next_page_token
+}
+
+#[tokio::test]
+async fn stale_etags_are_aborted_and_identity_clashes_refused() {
+    let app = common::start().await;
+    let mut admin = app.admin();
+    let a = create(&mut admin, person("A", "+8613900000007", "")).await;
+    let _b = create(&mut admin, person("B", "+8613900000008", "")).await;
+    let update = |id: &str, c: pb::Customer, path: &str, etag: &str, rid: &str| pb::UpdateCustomerRequest {
+        customer: Some(pb::Customer { customer_id: id.into(), ..c }),
+        update_mask: Some(prost_types::FieldMask { paths: vec![path.into()] }),
+        etag: etag.into(),
+        request_id: rid.into(),
+    };
+    admin
+        .update_customer(update(
+            &a.customer_id,
+            pb::Customer { name: "A2".into(), ..Default::default() },
+            "name",
+            "v1",
+            "u1",
+        ))
+        .await
+        .expect("fresh etag");
+    let stale = admin
+        .update_customer(update(
+            &a.customer_id,
+            pb::Customer { name: "A3".into(), ..Default::default() },
+            "name",
+            "v1",
+            "u2",
+        ))
+        .await
+        .expect_err("stale");
+    assert_eq!(stale.code(), Code::Aborted);
+    let clash = admin
+        .update_customer(update(
+            &a.customer_id,
+            pb::Customer { phone: "+86 139 0000 0008".into(), ..Default::default() },
+            "phone",
+            "",
+            "u3",
+        ))
+        .await
+        .expect_err("phone of another customer");
+    assert_eq!(clash.code(), Code::AlreadyExists);
+}
+
+#[tokio::test]
+async fn rel1_bad_input_names_the_field_and_stores_nothing() {
+    let app = common::start().await;
+    let mut admin = app.admin();
+    let existing = create(&mut admin, person("Existing", "+8613900000009", "")).await;
+    let before = (app.count("customers").await, app.count("kit_outbox").await, app.count("kit_idempotency").await);
+
+    let cases: Vec<(pb::CreateCustomerRequest, Vec<&str>)> = vec![
+        (pb::CreateCustomerRequest { customer: None, request_id: "r".into() }, vec!["customer"]),
+        (
+            pb::CreateCustomerRequest { customer: Some(person("X", "", "")), request_id: String::new() },
+            vec!["request_id"],
+        ),
+        (
+            pb::CreateCustomerRequest { customer: Some(person("", "12", "nope")), request_id: "r".into() },
+            vec!["customer.name", "customer.phone", "customer.email"],
+        ),
+        (
+            pb::CreateCustomerRequest { customer: Some(person(&"x".repeat(201), "", "")), request_id: "r".into() },
+            vec!["customer.name"],
+        ),
+        (
+            pb::CreateCustomerRequest {
+                customer: Some(pb::Customer { gender: 77, ..person("X", "", "") }),
+                request_id: "r".into(),
+            },
+            vec!["customer.gender"],
+        ),
+        (
+            pb::CreateCustomerRequest {
+                customer: Some(pb::Customer { kind: 9, ..person("X", "", "") }),
+                request_id: "r".into(),
+            },
+            vec!["customer.kind"],
+        ),
+        (
+            pb::CreateCustomerRequest {
+                customer: Some(pb::Customer { tags: vec!["a".repeat(65)], ..person("X", "", "") }),
+                request_id: "r".into(),
+            },
+            vec!["customer.tags[0]"],
+        ),
+        (
+            pb::CreateCustomerRequest { customer: Some(person("X", "", "")), request_id: "x".repeat(129) },
+            vec!["request_id"],
+        ),
+    ];
+    for (req, want) in cases {
+        let err = admin.create_customer(req).await.expect_err("bad create");
+        assert_eq!(bad_fields(&err), want);
+    }
+    let mask = |paths: &[&str]| Some(prost_types::FieldMask { paths: paths.iter().map(|p| p.to_string()).collect() });
+    let err = admin
+        .update_customer(pb::UpdateCustomerRequest {
+            customer: Some(pb::Customer { customer_id: existing.customer_id.clone(), ..Default::default() }),
+            update_mask: mask(&["customer_id"]),
+            etag: String::new(),
+            request_id: "m".into(),
+        })
+        .await
+        .expect_err("read-only path");
+    assert_eq!(bad_fields(&err), ["update_mask"]);
+    let err = admin
+        .update_customer(pb::UpdateCustomerRequest {
+            customer: Some(pb::Customer { customer_id: existing.customer_id.clone(), ..Default::default() }),
+            update_mask: None,
+            etag: String::new(),
+            request_id: "m2".into(),
+        })
+        .await
+        .expect_err("no mask");
+    assert_eq!(bad_fields(&err), ["update_mask"]);
+    let err = admin
+        .update_customer(pb::UpdateCustomerRequest {
+            customer: Some(pb::Customer {
+                customer_id: existing.customer_id.clone(),
+                email: "broken".into(),
+                ..Default::default()
+            }),
+            update_mask: mask(&["email"]),
+            etag: String::new(),
+            request_id: "m3".into(),
+        })
+        .await
+        .expect_err("bad email");
+    assert_eq!(bad_fields(&err), ["customer.email"]);
+    let err = admin
+        .get_customer(pb::GetCustomerRequest { customer_id: "not-a-uuid".into(), purpose: String::new() })
+        .await
+        .expect_err("bad id");
+    assert_eq!(bad_fields(&err), ["customer_id"]);
+    let missing = admin
+        .get_customer(pb::GetCustomerRequest {
+            customer_id: "00000000-0000-0000-0000-000000000001".into(),
+            purpose: String::new(),
+        })
+        .await
+        .expect_err("unknown id");
+    assert_eq!(missing.code(), Code::NotFound);
+    let err = admin
+        .list_customers(pb::ListCustomersRequest { page_token: "garbage".into(), ..Default::default() })
+        .await
+        .expect_err("token");
+    assert_eq!(bad_fields(&err), ["page_token"]);
+    let err = admin
+        .list_customers(pb::ListCustomersRequest { page_size: -1, tier: 42, ..Default::default() })
+        .await
+        .expect_err("size");
+    assert_eq!(bad_fields(&err), ["page_size", "tier"]);
+    let err = admin
+        .list_timeline(pb::ListTimelineRequest {
+            customer_id: existing.customer_id.clone(),
+            kinds: vec![99],
+            time_range: Some(TimeRange {
+                start_time: Some(prost_types::Timestamp { seconds: 0, nanos: -1 }),
+                end_time: None,
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect_err("bad kinds");
+    assert_eq!(bad_fields(&err), ["kinds[0]", "time_range.start_time"]);
+    let err = admin
+        .update_consent(pb::UpdateConsentRequest {
+            customer_id: existing.customer_id.clone(),
+            changes: vec![pb::ConsentGrant { channel: 0, purpose: 17, ..Default::default() }],
+            request_id: "c".into(),
+        })
+        .await
+        .expect_err("bad consent");
+    assert_eq!(bad_fields(&err), ["changes[0].channel", "changes[0].purpose"]);
+    let err = admin
+        .batch_record_transactions(pb::BatchRecordTransactionsRequest { transactions: vec![], request_id: "b".into() })
+        .await
+        .expect_err("empty batch");
+    assert_eq!(bad_fields(&err), ["transactions"]);
+    let err = admin
+        .erase_customer(pb::EraseCustomerRequest {
+            customer_id: existing.customer_id.clone(),
+            reason: String::new(),
+            request_id: String::new(),
+        })
+        .await
+        .expect_err("erase");
+    assert_eq!(bad_fields(&err), ["reason", "request_id"]);
+    let err = admin
+        .export_customer_data(pb::ExportCustomerDataRequest {
+            customer_id: existing.customer_id.clone(),
+            purpose: String::new(),
+        })
+        .await
+        .expect_err("export");
+    assert_eq!(bad_fields(&err), ["purpose"]);
+
+    let after = (app.count("customers").await, app.count("kit_outbox").await, app.count("kit_idempotency").await);
+    assert_eq!(before, after, "nothing stored changed");
+    // Oversized messages are refused by the transport, and the service stays up.
+    let huge = pb::CreateCustomerRequest {
+        customer: Some(person(&"y".repeat(5 * 1024 * 1024), "", "")),
+        request_id: "big".into(),
+    };
+    let err = admin.create_customer(huge).await.expect_err("oversized");
+    assert!(
+        matches!(err.code(), Code::ResourceExhausted | Code::OutOfRange | Code::Internal | Code::InvalidArgument),
+        "{err:?}"
+    );
+    admin
+        .get_customer(pb::GetCustomerRequest { customer_id: existing.customer_id, purpose: String::new() })
+        .await
+        .expect("still up");
+}
+
+#[tokio::test]
+async fn batch_get_and_resolve_find_customers_by_id_and_identity() {
+    let app = common::start().await;
+    let mut admin = app.admin();
+    let a = create(
+        &mut admin,
+        pb::Customer {
+            external_ids: vec![pb::ExternalId { source: "pos".into(), id: "C-1".into() }],
+            ..person("Findable", "+8613900000010", "find@example.com")
+        },
+    )
+    .await;
+    let batch = admin
+        .batch_get_customers(pb::BatchGetCustomersRequest {
+            customer_ids: vec![a.customer_id.clone(), "00000000-0000-0000-0000-000000000002".into()],
+            purpose: String::new(),
+        })
+        .await
+        .expect("batch")
+        .into_inner();
+    assert_eq!(batch.customers.len(), 1);
+    assert_eq!(batch.missing_ids, ["00000000-0000-0000-0000-000000000002"]);
+    use pb::resolve_customer_request::Identity;
+    for identity in [
+        Identity::Phone("139 0000 0010".into()),
+        Identity::Email("FIND@example.com".into()),
+        Identity::ExternalId(pb::ExternalId { source: "POS".into(), id: "C-1".into() }),
+    ] {
+        let found = admin
+            .resolve_customer(pb::ResolveCustomerRequest { identity: Some(identity), purpose: String::new() })
+            .await
+            .expect("resolve")
+            .into_inner();
+        assert_eq!(found.customer_id, a.customer_id);
+    }
+    tokio::time::sleep(Duration::from_millis(10)).await;
+}
