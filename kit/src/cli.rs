@@ -26,7 +26,7 @@ where
         "serve" | "migrate" => {}
         "config" => {
             println!("Environment variables of {} (default, meaning):", spec.name);
-            for v in KIT_VARS {
+            for v in KIT_VARS.iter().chain(spec.vars) {
                 let default = if v.default.is_empty() { "(unset)" } else { v.default };
                 println!("  {:<30} {:<30} {}", v.name, default, v.doc);
             }

@@ -24,7 +24,8 @@ pub struct VarSpec {
     pub secret: bool,
 }
 
-const fn var(name: &'static str, default: &'static str, doc: &'static str) -> VarSpec {
+/// Declares a variable (for services' own lists).
+pub const fn var(name: &'static str, default: &'static str, doc: &'static str) -> VarSpec {
     VarSpec { name, default, doc, secret: false }
 }
 

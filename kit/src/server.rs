@@ -52,6 +52,9 @@ pub struct ServiceSpec {
     /// Encoded descriptor set holding its contract (`crm_proto::FILE_DESCRIPTOR_SET`),
     /// served by reflection and used to check the access policy is complete.
     pub descriptors: &'static [u8],
+    /// The service's own environment variables (beyond the kit's), for
+    /// `<service> config` and the documentation check.
+    pub vars: &'static [crate::config::VarSpec],
 }
 
 /// Start-up or serving failure.

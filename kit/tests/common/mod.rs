@@ -155,6 +155,7 @@ pub fn spec(name: &'static str) -> ServiceSpec {
         default_port: 0,
         migrator: &MIGRATOR,
         descriptors: pb::FILE_DESCRIPTOR_SET,
+        vars: &[],
     }
 }
 

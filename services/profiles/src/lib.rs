@@ -13,7 +13,7 @@ pub mod store;
 use std::time::Duration;
 
 use crm_kit::auth::roles::{ADMIN, ANY, MACHINE, OPERATORS, STAFF};
-use crm_kit::config::Env;
+use crm_kit::config::{Env, VarSpec, var};
 use crm_kit::{AccessPolicy, Kit, KitError, Role, ServiceSpec};
 use crm_proto::profiles::v1::profiles_service_server::ProfilesServiceServer;
 
@@ -31,7 +31,18 @@ pub const SPEC: ServiceSpec = ServiceSpec {
     default_port: 50051,
     migrator: &MIGRATOR,
     descriptors: crm_proto::FILE_DESCRIPTOR_SET,
+    vars: PROFILE_VARS,
 };
+
+/// Profiles' own variables (documented in docs/configuration.md).
+pub const PROFILE_VARS: &[VarSpec] = &[
+    var("PROFILE_CACHE_ENABLED", "true", "Use the Redis hot-profile cache (PRF-9); false reads PostgreSQL only."),
+    var(
+        "PROFILE_CACHE_TTL_SECONDS",
+        "300",
+        "Lifetime of a cached profile; also bounds staleness if an invalidation could not reach Redis.",
+    ),
+];
 
 const READERS: &[Role] = &[Role::Admin, Role::Agent, Role::Analyst, Role::Service];
 
@@ -103,4 +114,15 @@ pub fn build(kit: &Kit, config: &ProfilesConfig) -> (api::ProfilesApi, cache::Pr
     let cache =
         cache::ProfileCache::new(config.cache_enabled.then(|| kit.redis.clone()), config.cache_ttl, &kit.metrics);
     (api::ProfilesApi::new(kit.pg.clone(), cache.clone()), cache)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_profiles_variable_is_documented() {
+        let doc = include_str!("../../../docs/configuration.md");
+        for v in super::PROFILE_VARS {
+            assert!(doc.contains(&format!("`{}`", v.name)), "docs/configuration.md does not document {}", v.name);
+        }
+    }
 }
