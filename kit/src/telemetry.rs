@@ -21,9 +21,10 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider, SpanExporter};
 use tracing::Span;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::config::KitConfig;
 
@@ -72,14 +73,15 @@ pub fn init(config: &KitConfig) -> Result<TelemetryGuard, TelemetryError> {
 }
 
 /// Installs logging and tracing with a given exporter, exporting each span as
-/// it ends (tests use `opentelemetry_sdk`'s in-memory exporter).
+/// it ends, and logs to the test harness's captured output (tests use
+/// `opentelemetry_sdk`'s in-memory exporter).
 pub fn init_with_exporter<E: SpanExporter + 'static>(
     service_name: &str,
     exporter: E,
 ) -> Result<TelemetryGuard, TelemetryError> {
     let provider =
         SdkTracerProvider::builder().with_simple_exporter(exporter).with_resource(resource(service_name)).build();
-    install(provider, "text", service_name)
+    install(provider, "test", service_name)
 }
 
 fn resource(service_name: &str) -> Resource {
@@ -100,13 +102,31 @@ fn install(
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     opentelemetry::global::set_tracer_provider(provider.clone());
     let tracer = provider.tracer(service_name.to_string());
-    let otel = tracing_opentelemetry::layer().with_tracer(tracer).with_error_events_to_status(true);
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let registry = tracing_subscriber::registry().with(filter).with(otel);
-    let result = if log_format == "json" {
-        registry.with(tracing_subscriber::fmt::layer().json().with_current_span(true).with_span_list(true)).try_init()
+    // RUST_LOG filters logs only. Spans feed tracing (and trace propagation) at
+    // INFO whatever the log level: a quiet log must not silently cut traces.
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_error_events_to_status(true)
+        .with_filter(LevelFilter::INFO);
+    let log_filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let registry = tracing_subscriber::registry().with(otel);
+    let result = if log_format == "test" {
+        // Captured by the test harness, shown only for failing tests.
+        registry
+            .with(tracing_subscriber::fmt::layer().with_target(false).with_test_writer().with_filter(log_filter()))
+            .try_init()
+    } else if log_format == "json" {
+        registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_current_span(true)
+                    .with_span_list(true)
+                    .with_filter(log_filter()),
+            )
+            .try_init()
     } else {
-        registry.with(tracing_subscriber::fmt::layer().with_target(false)).try_init()
+        registry.with(tracing_subscriber::fmt::layer().with_target(false).with_filter(log_filter())).try_init()
     };
     result.map_err(|e| TelemetryError(format!("cannot install the log subscriber: {e}")))?;
     Ok(TelemetryGuard { provider })

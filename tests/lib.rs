@@ -1,0 +1,108 @@
+//! Helpers to run the service binaries as real processes in end-to-end tests.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// A free local port.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+/// The path of a workspace binary built by cargo (`crm-profiles`, ...).
+pub fn binary(name: &str) -> PathBuf {
+    let mut dir = std::env::current_exe().expect("test exe");
+    dir.pop();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir.join(name)
+}
+
+/// A running service process; terminated (SIGTERM) on drop.
+pub struct ServiceProcess {
+    /// The child.
+    pub child: Child,
+    /// gRPC URL.
+    pub url: String,
+    /// Schema it owns.
+    pub schema: String,
+}
+
+impl ServiceProcess {
+    /// Builds the binary if needed and starts `crm-<service>` with its own schema.
+    pub async fn start(service: &str, extra: &[(&str, &str)]) -> ServiceProcess {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-q", "-p", &format!("crm-{service}")])
+            .status()
+            .expect("cargo build");
+        assert!(status.success(), "building crm-{service}");
+        let db = crm_kit::testing::test_database_url().await;
+        let port = free_port();
+        let schema = crm_kit::testing::unique_name("e2e");
+        let secret = String::from_utf8_lossy(crm_kit::testing::TEST_JWT_SECRET).to_string();
+        let mut cmd = Command::new(binary(&format!("crm-{service}")));
+        cmd.env("DATABASE_URL", &db)
+            .env("DATABASE_SCHEMA", &schema)
+            .env("REDIS_URL", crm_kit::testing::redis_url())
+            .env("GRPC_LISTEN_ADDR", format!("127.0.0.1:{port}"))
+            .env("METRICS_LISTEN_ADDR", format!("127.0.0.1:{}", free_port()))
+            .env("JWT_SECRET", secret)
+            .env("SHUTDOWN_DRAIN_DELAY_MS", "0")
+            .env("OUTBOX_POLL_INTERVAL_MS", "20")
+            .env("HEALTH_CHECK_INTERVAL_MS", "200")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null());
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("start service");
+        let process = ServiceProcess { child, url: format!("http://127.0.0.1:{port}"), schema };
+        process.wait_serving(service).await;
+        process
+    }
+
+    async fn wait_serving(&self, service: &str) {
+        use tonic_health::pb::health_check_response::ServingStatus;
+        use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while tokio::time::Instant::now() < deadline {
+            if let Ok(channel) = crm_kit::client::channel(&self.url) {
+                let mut h = HealthClient::new(channel);
+                if let Ok(r) = h.check(HealthCheckRequest { service: String::new() }).await
+                    && r.into_inner().status == ServingStatus::Serving as i32
+                {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("crm-{service} did not report SERVING within 30 s");
+    }
+
+    /// Sends SIGTERM and waits (without blocking the runtime, so this
+    /// process's client connections can see the server go away) for the exit status.
+    pub async fn terminate(&mut self) -> Option<i32> {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while tokio::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = self.child.kill();
+        None
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        // A test that failed early: do not leave the process behind.
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
