@@ -19,24 +19,24 @@ use crate::domain::{customer as rules, masking, quality};
 use crate::store::{self, Stored};
 use crate::{SERVICE, events};
 
-const SVC: &str = "/crm.profiles.v1.ProfilesService/";
+pub(crate) const SVC: &str = "/crm.profiles.v1.ProfilesService/";
 const MAX_BATCH: usize = 1000;
 
 /// The profiles API.
 #[derive(Clone)]
 pub struct ProfilesApi {
-    pg: PgPool,
-    cache: ProfileCache,
+    pub(crate) pg: PgPool,
+    pub(crate) cache: ProfileCache,
 }
 
 type Reply<T> = Result<Response<T>, Status>;
 
-fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
+pub(crate) fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
     Caller::of(request).cloned().map_err(|e| e.into_status(SERVICE))
 }
 
 /// Parses a customer id field.
-fn parse_id(field: &str, value: &str) -> Result<Uuid, ApiError> {
+pub(crate) fn parse_id(field: &str, value: &str) -> Result<Uuid, ApiError> {
     if value.is_empty() {
         return Err(ApiError::invalid(field, "is required"));
     }
@@ -69,7 +69,7 @@ impl ProfilesApi {
 
     /// The caller's view of a stored record: masked without `pii:read` and a
     /// stated purpose; an unmasked view is audited first (SPEC 3, SEC-1).
-    async fn view(
+    pub(crate) async fn view(
         &self,
         caller: &Caller,
         mut c: pb::Customer,
@@ -961,15 +961,17 @@ impl ProfilesService for ProfilesApi {
         self.resolve_identity(&caller, request.into_inner()).await.into_grpc(SERVICE)
     }
 
-    async fn merge_customers(&self, _request: Request<pb::MergeCustomersRequest>) -> Reply<pb::MergeCustomersResponse> {
-        Err(not_yet("MergeCustomers"))
+    async fn merge_customers(&self, request: Request<pb::MergeCustomersRequest>) -> Reply<pb::MergeCustomersResponse> {
+        let caller = caller(&request)?;
+        self.merge(&caller, request.into_inner()).await.into_grpc(SERVICE)
     }
 
     async fn unmerge_customer(
         &self,
-        _request: Request<pb::UnmergeCustomerRequest>,
+        request: Request<pb::UnmergeCustomerRequest>,
     ) -> Reply<pb::UnmergeCustomerResponse> {
-        Err(not_yet("UnmergeCustomer"))
+        let caller = caller(&request)?;
+        self.unmerge(&caller, request.into_inner()).await.into_grpc(SERVICE)
     }
 
     async fn batch_record_transactions(

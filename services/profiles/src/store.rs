@@ -144,29 +144,33 @@ pub async fn lock_identities(conn: &mut PgConnection, keys: &[String]) -> Result
 }
 
 /// The live customer holding one of these identities, with which matched.
+/// A live holder comes first; else an alias (merged away) resolves to its
+/// survivor (PRF-3).
 pub async fn find_by_identity(
     conn: &mut PgConnection,
     phone: &str,
     email: &str,
     external_ids: &[ExternalId],
 ) -> Result<Option<(Uuid, &'static str)>, sqlx::Error> {
-    if !phone.is_empty()
-        && let Some(id) =
-            sqlx::query_scalar::<_, Uuid>("SELECT customer_id FROM customers WHERE phone = $1 AND merged_into IS NULL")
-                .bind(phone)
-                .fetch_optional(&mut *conn)
-                .await?
-    {
-        return Ok(Some((id, "phone")));
-    }
-    if !email.is_empty()
-        && let Some(id) =
-            sqlx::query_scalar::<_, Uuid>("SELECT customer_id FROM customers WHERE email = $1 AND merged_into IS NULL")
-                .bind(email)
-                .fetch_optional(&mut *conn)
-                .await?
-    {
-        return Ok(Some((id, "email")));
+    for (sql, value, by) in [
+        (
+            "SELECT customer_id FROM customers WHERE phone = $1 ORDER BY (merged_into IS NULL) DESC LIMIT 1",
+            phone,
+            "phone",
+        ),
+        (
+            "SELECT customer_id FROM customers WHERE email = $1 ORDER BY (merged_into IS NULL) DESC LIMIT 1",
+            email,
+            "email",
+        ),
+    ] {
+        if value.is_empty() {
+            continue;
+        }
+        if let Some(id) = sqlx::query_scalar::<_, Uuid>(sql).bind(value).fetch_optional(&mut *conn).await? {
+            let live = resolve(conn, id).await?.unwrap_or(id);
+            return Ok(Some((live, by)));
+        }
     }
     for x in external_ids {
         if let Some(id) =

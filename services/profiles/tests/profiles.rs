@@ -697,3 +697,107 @@ async fn batch_get_and_resolve_find_customers_by_id_and_identity() {
     }
     tokio::time::sleep(Duration::from_millis(10)).await;
 }
+
+#[tokio::test]
+async fn prf3_a_merged_away_customer_still_resolves_and_a_merge_can_be_undone() {
+    let app = common::start().await;
+    let mut admin = app.admin();
+    let a =
+        create(&mut admin, pb::Customer { tags: vec!["vip".into()], ..person("Wei Li", "+8613900000020", "") }).await;
+    let b = create(
+        &mut admin,
+        pb::Customer { tags: vec!["newsletter".into()], ..person("W. Li", "+8613900000021", "wei.li@example.com") },
+    )
+    .await;
+    let tx = |id: &str, customer: &str| pb::Transaction {
+        transaction_id: id.into(),
+        customer_id: customer.into(),
+        kind: pb::TransactionKind::Purchase as i32,
+        amount: Some(Money { amount_minor: 1000, currency: "CNY".into() }),
+        occurred_at: ts(1_760_000_000),
+        ..Default::default()
+    };
+    admin
+        .batch_record_transactions(pb::BatchRecordTransactionsRequest {
+            transactions: vec![tx("ta", &a.customer_id), tx("tb", &b.customer_id)],
+            request_id: "t".into(),
+        })
+        .await
+        .expect("transactions");
+
+    let merge = |request_id: &str, loser: &str| pb::MergeCustomersRequest {
+        survivor_id: a.customer_id.clone(),
+        loser_id: loser.into(),
+        reason: "same person, confirmed by phone".into(),
+        take_from_loser: None,
+        request_id: request_id.into(),
+    };
+    let self_merge = admin.merge_customers(merge("m0", &a.customer_id)).await.expect_err("self merge");
+    assert_eq!(bad_fields(&self_merge), ["loser_id"]);
+    let merged = admin.merge_customers(merge("m1", &b.customer_id)).await.expect("merge").into_inner();
+    let get = |id: &str| pb::GetCustomerRequest { customer_id: id.into(), purpose: "check".into() };
+    let via_loser = admin.get_customer(get(&b.customer_id)).await.expect("alias resolves").into_inner();
+    assert_eq!(via_loser.customer_id, a.customer_id, "the loser's id resolves to the survivor");
+    assert_eq!(via_loser.email, "wei.li@example.com", "an empty survivor field was filled from the loser");
+    assert_eq!(via_loser.phone, "+8613900000020", "the survivor's own value won");
+    assert_eq!(via_loser.tags, ["vip", "newsletter"]);
+    assert_eq!(via_loser.alias_ids, [b.customer_id.clone()]);
+    let by_phone = admin
+        .resolve_customer(pb::ResolveCustomerRequest {
+            identity: Some(pb::resolve_customer_request::Identity::Phone("+8613900000021".into())),
+            purpose: String::new(),
+        })
+        .await
+        .expect("the loser's phone resolves")
+        .into_inner();
+    assert_eq!(by_phone.customer_id, a.customer_id);
+    let again = admin
+        .create_customer(pb::CreateCustomerRequest {
+            customer: Some(person("W. Li", "+86 139 0000 0021", "")),
+            request_id: "recreate".into(),
+        })
+        .await
+        .expect("create")
+        .into_inner();
+    assert!(!again.created, "a create with the loser's phone finds the survivor");
+    let timeline = admin
+        .list_timeline(pb::ListTimelineRequest { customer_id: a.customer_id.clone(), ..Default::default() })
+        .await
+        .expect("timeline")
+        .into_inner();
+    let mut ids: Vec<_> = timeline.entries.iter().map(|e| e.source_id.clone()).collect();
+    ids.sort();
+    assert_eq!(ids, ["ta", "tb"], "the loser's history moved to the survivor");
+    let events: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM kit_outbox WHERE event_type = 'crm.profiles.v1.CustomerMerged'")
+            .fetch_one(&app.pool)
+            .await
+            .expect("count");
+    assert_eq!(events, 1);
+
+    let unmerge = |request_id: &str| pb::UnmergeCustomerRequest {
+        merge_id: merged.merge_id.clone(),
+        reason: "not the same person".into(),
+        request_id: request_id.into(),
+    };
+    let undone = admin.unmerge_customer(unmerge("u1")).await.expect("unmerge").into_inner();
+    assert_eq!(undone.restored.expect("restored").customer_id, b.customer_id);
+    let a_after = admin.get_customer(get(&a.customer_id)).await.expect("a").into_inner();
+    assert_eq!(
+        (a_after.email.as_str(), a_after.tags.clone()),
+        ("", vec!["vip".to_string()]),
+        "what came from the loser went back"
+    );
+    let b_after = admin.get_customer(get(&b.customer_id)).await.expect("b").into_inner();
+    assert_eq!(b_after.customer_id, b.customer_id, "the loser is its own customer again");
+    assert_eq!(b_after.email, "wei.li@example.com");
+    let b_timeline = admin
+        .list_timeline(pb::ListTimelineRequest { customer_id: b.customer_id.clone(), ..Default::default() })
+        .await
+        .expect("timeline")
+        .into_inner();
+    assert_eq!(b_timeline.entries.iter().map(|e| e.source_id.as_str()).collect::<Vec<_>>(), ["tb"]);
+    let twice = admin.unmerge_customer(unmerge("u2")).await.expect_err("already undone");
+    assert_eq!(twice.code(), Code::FailedPrecondition);
+    assert_eq!(app.count("customers").await, 2);
+}

@@ -2,5 +2,6 @@
 pub mod customer;
 pub mod identity;
 pub mod masking;
+pub mod merge;
 pub mod quality;
 pub mod records;
