@@ -741,7 +741,7 @@ async fn prf3_a_merged_away_customer_still_resolves_and_a_merge_can_be_undone() 
     assert_eq!(via_loser.email, "wei.li@example.com", "an empty survivor field was filled from the loser");
     assert_eq!(via_loser.phone, "+8613900000020", "the survivor's own value won");
     assert_eq!(via_loser.tags, ["vip", "newsletter"]);
-    assert_eq!(via_loser.alias_ids, [b.customer_id.clone()]);
+    assert_eq!(via_loser.alias_ids, std::slice::from_ref(&b.customer_id));
     let by_phone = admin
         .resolve_customer(pb::ResolveCustomerRequest {
             identity: Some(pb::resolve_customer_request::Identity::Phone("+8613900000021".into())),
