@@ -71,6 +71,56 @@ pub async fn enqueue<T: prost::Name + Message>(
     Ok(event_id)
 }
 
+/// Writes many events of one type in one statement (bulk paths), inside the
+/// caller's transaction; they share the current trace context.
+pub async fn enqueue_many<T: prost::Name + Message>(
+    conn: &mut PgConnection,
+    source: &str,
+    aggregate_kind: &str,
+    request_id: &str,
+    events: &[(String, T)],
+) -> Result<(), ApiError> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let trace = telemetry::event_trace_context();
+    let now = prost_types::Timestamp::from(std::time::SystemTime::now());
+    let mut ids = Vec::with_capacity(events.len());
+    let mut aggregates = Vec::with_capacity(events.len());
+    let mut envelopes = Vec::with_capacity(events.len());
+    for (aggregate_id, payload) in events {
+        let event_id = Uuid::now_v7();
+        let any =
+            prost_types::Any::from_msg(payload).map_err(|e| ApiError::internal(format!("cannot pack event: {e}")))?;
+        let envelope = EventEnvelope {
+            event_id: event_id.to_string(),
+            event_type: T::full_name(),
+            source: source.to_string(),
+            aggregate_type: aggregate_kind.to_string(),
+            aggregate_id: aggregate_id.clone(),
+            occurred_at: Some(now),
+            trace_context: Some(trace.clone()),
+            request_id: request_id.to_string(),
+            payload: Some(any),
+            schema_version: 1,
+        };
+        ids.push(event_id);
+        aggregates.push(aggregate_id.as_str());
+        envelopes.push(envelope.encode_to_vec());
+    }
+    sqlx::query(
+        "INSERT INTO kit_outbox (event_id, event_type, aggregate_id, envelope) \
+         SELECT id, $2, agg, env FROM UNNEST($1::uuid[], $3::text[], $4::bytea[]) AS t(id, agg, env)",
+    )
+    .bind(&ids)
+    .bind(T::full_name())
+    .bind(&aggregates)
+    .bind(&envelopes)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 /// Why a relay round failed (it is retried).
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {

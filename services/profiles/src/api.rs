@@ -191,7 +191,7 @@ impl ProfilesApi {
 
     /// PRF-3: a create that matched an existing customer fills its empty
     /// fields and adds tags and external ids; it never overwrites.
-    async fn enrich(
+    pub(crate) async fn enrich(
         &self,
         tx: &mut sqlx::PgConnection,
         id: Uuid,
@@ -990,9 +990,9 @@ impl ProfilesService for ProfilesApi {
 
     async fn import_records(
         &self,
-        _request: Request<Streaming<pb::ImportRecordsRequest>>,
+        request: Request<Streaming<pb::ImportRecordsRequest>>,
     ) -> Reply<pb::ImportRecordsResponse> {
-        Err(not_yet("ImportRecords"))
+        self.import(request.into_inner()).await.into_grpc(SERVICE)
     }
 
     async fn list_timeline(&self, request: Request<pb::ListTimelineRequest>) -> Reply<pb::ListTimelineResponse> {

@@ -8,6 +8,7 @@ pub mod api;
 pub mod cache;
 pub mod domain;
 pub mod events;
+pub mod import;
 pub mod merging;
 pub mod store;
 

@@ -687,3 +687,163 @@ pub async fn erase(conn: &mut PgConnection, ids: &[Uuid], now: DateTime<Utc>) ->
         .await?;
     Ok(())
 }
+
+/// Inserts many new customers (already normalised) in one statement (bulk import).
+pub async fn insert_customers(
+    conn: &mut PgConnection,
+    rows: &[(Uuid, Customer)],
+    now: DateTime<Utc>,
+) -> Result<(), sqlx::Error> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let n = rows.len();
+    let mut ids = Vec::with_capacity(n);
+    let mut kinds = Vec::with_capacity(n);
+    let mut names = Vec::with_capacity(n);
+    let mut phones: Vec<Option<&str>> = Vec::with_capacity(n);
+    let mut emails: Vec<Option<&str>> = Vec::with_capacity(n);
+    let (mut by, mut bm, mut bd) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    let mut genders = Vec::with_capacity(n);
+    let mut regions = Vec::with_capacity(n);
+    let mut zones = Vec::with_capacity(n);
+    let mut channels = Vec::with_capacity(n);
+    let mut registered = Vec::with_capacity(n);
+    let mut addresses: Vec<Option<Vec<u8>>> = Vec::with_capacity(n);
+    let mut tags = Vec::with_capacity(n);
+    let mut attributes = Vec::with_capacity(n);
+    let mut organizations: Vec<Option<Vec<u8>>> = Vec::with_capacity(n);
+    for (id, c) in rows {
+        let (y, m, d) = birth_parts(c);
+        ids.push(*id);
+        kinds.push(c.kind as i16);
+        names.push(c.name.as_str());
+        phones.push(opt(&c.phone));
+        emails.push(opt(&c.email));
+        by.push(y);
+        bm.push(m);
+        bd.push(d);
+        genders.push(c.gender as i16);
+        regions.push(c.region.as_str());
+        zones.push(c.timezone.as_str());
+        channels.push(c.preferred_channel as i16);
+        registered.push(c.registered_at.as_ref().and_then(from_ts).unwrap_or(now));
+        addresses.push(c.address.as_ref().map(|a| a.encode_to_vec()));
+        // Tags cannot contain U+001F (validated), so it separates them.
+        tags.push(c.tags.join("\u{1f}"));
+        attributes.push(encode_attributes(c));
+        organizations.push(c.organization.as_ref().map(|o| o.encode_to_vec()));
+    }
+    sqlx::query(
+        "INSERT INTO customers (customer_id, kind, name, phone, email, birth_year, birth_month, birth_day, gender, region, \
+         timezone, preferred_channel, registered_at, address, tags, attributes, organization, created_at, updated_at) \
+         SELECT id, kind, name, phone, email, by, bm, bd, gender, region, tz, ch, reg, addr, \
+                CASE WHEN tags = '' THEN '{}'::text[] ELSE string_to_array(tags, chr(31)) END, attrs, org, $18, $18 \
+         FROM UNNEST($1::uuid[], $2::int2[], $3::text[], $4::text[], $5::text[], $6::int2[], $7::int2[], $8::int2[], $9::int2[], \
+                     $10::text[], $11::text[], $12::int2[], $13::timestamptz[], $14::bytea[], $15::text[], $16::bytea[], $17::bytea[]) \
+              AS t(id, kind, name, phone, email, by, bm, bd, gender, region, tz, ch, reg, addr, tags, attrs, org)",
+    )
+    .bind(&ids)
+    .bind(&kinds)
+    .bind(&names)
+    .bind(&phones)
+    .bind(&emails)
+    .bind(&by)
+    .bind(&bm)
+    .bind(&bd)
+    .bind(&genders)
+    .bind(&regions)
+    .bind(&zones)
+    .bind(&channels)
+    .bind(&registered)
+    .bind(&addresses)
+    .bind(&tags)
+    .bind(&attributes)
+    .bind(&organizations)
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    let mut sources = Vec::new();
+    let mut external = Vec::new();
+    let mut owners = Vec::new();
+    for (id, c) in rows {
+        for x in &c.external_ids {
+            sources.push(x.source.as_str());
+            external.push(x.id.as_str());
+            owners.push(*id);
+        }
+    }
+    if !sources.is_empty() {
+        sqlx::query(
+            "INSERT INTO external_ids (source, external_id, customer_id) SELECT * FROM UNNEST($1::text[], $2::text[], $3::uuid[]) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&sources)
+        .bind(&external)
+        .bind(&owners)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Takes the identity locks of many keys in one round trip, in a stable order.
+pub async fn lock_identities_bulk(conn: &mut PgConnection, keys: &[String]) -> Result<(), sqlx::Error> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "SELECT pg_advisory_xact_lock(h) FROM (SELECT DISTINCT hashtextextended('profiles:identity:' || k, 7) AS h \
+         FROM UNNEST($1::text[]) AS k ORDER BY 1) s",
+    )
+    .bind(keys)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Existing holders of phones, e-mails and external ids: `(key, customer id)`
+/// with keys `phone:<e164>`, `email:<address>`, `ext:<source>:<id>`, resolved to live records.
+pub async fn holders(
+    conn: &mut PgConnection,
+    phones: &[String],
+    emails: &[String],
+    ext: &[(String, String)],
+) -> Result<Vec<(String, Uuid)>, sqlx::Error> {
+    let mut found: Vec<(String, Uuid, Option<Uuid>)> = sqlx::query_as(
+        "SELECT 'phone:' || phone, customer_id, merged_into FROM customers WHERE phone = ANY($1) \
+         UNION ALL SELECT 'email:' || email, customer_id, merged_into FROM customers WHERE email = ANY($2)",
+    )
+    .bind(phones)
+    .bind(emails)
+    .fetch_all(&mut *conn)
+    .await?;
+    if !ext.is_empty() {
+        let sources: Vec<&str> = ext.iter().map(|e| e.0.as_str()).collect();
+        let ids: Vec<&str> = ext.iter().map(|e| e.1.as_str()).collect();
+        let rows: Vec<(String, Uuid, Option<Uuid>)> = sqlx::query_as(
+            "SELECT 'ext:' || x.source || ':' || x.external_id, x.customer_id, c.merged_into FROM external_ids x \
+             JOIN customers c ON c.customer_id = x.customer_id \
+             JOIN UNNEST($1::text[], $2::text[]) AS t(s, i) ON x.source = t.s AND x.external_id = t.i",
+        )
+        .bind(&sources)
+        .bind(&ids)
+        .fetch_all(&mut *conn)
+        .await?;
+        found.extend(rows);
+    }
+    // Prefer live holders; resolve aliases (rare) one by one.
+    found.sort_by_key(|(_, _, merged)| merged.is_some());
+    let mut out: Vec<(String, Uuid)> = Vec::with_capacity(found.len());
+    for (key, id, merged) in found {
+        if out.iter().any(|(k, _)| *k == key) {
+            continue;
+        }
+        let live = match merged {
+            None => id,
+            Some(_) => resolve(conn, id).await?.unwrap_or(id),
+        };
+        out.push((key, live));
+    }
+    Ok(out)
+}

@@ -801,3 +801,95 @@ async fn prf3_a_merged_away_customer_still_resolves_and_a_merge_can_be_undone() 
     assert_eq!(twice.code(), Code::FailedPrecondition);
     assert_eq!(app.count("customers").await, 2);
 }
+
+fn import_stream(g: &[crm_datagen::Generated]) -> Vec<pb::ImportRecordsRequest> {
+    use pb::import_records_request::Record;
+    let mut rows = Vec::new();
+    for x in g {
+        rows.push(pb::ImportRecordsRequest { record: Some(Record::Customer(x.customer.clone())), customer_ref: None });
+        for t in &x.transactions {
+            rows.push(pb::ImportRecordsRequest {
+                record: Some(Record::Transaction(t.clone())),
+                customer_ref: Some(x.external_id()),
+            });
+        }
+        for i in &x.interactions {
+            rows.push(pb::ImportRecordsRequest {
+                record: Some(Record::Interaction(i.clone())),
+                customer_ref: Some(x.external_id()),
+            });
+        }
+    }
+    rows
+}
+
+#[tokio::test]
+async fn prf4_bulk_import_reports_every_rejected_row_and_is_safe_to_rerun() {
+    use pb::import_records_request::Record;
+    let app = common::start().await;
+    let mut admin = app.admin();
+    let generated: Vec<_> =
+        crm_datagen::Generator::new(crm_datagen::Config { customers: 700, ..Default::default() }).collect();
+    let mut rows = import_stream(&generated);
+    let expected_tx: usize = generated.iter().map(|g| g.transactions.len()).sum();
+    let expected_int: usize = generated.iter().map(|g| g.interactions.len()).sum();
+    // Bad rows in the middle of the stream.
+    let bad_at = rows.len();
+    rows.push(pb::ImportRecordsRequest { record: Some(Record::Customer(person("", "12", ""))), customer_ref: None });
+    rows.push(pb::ImportRecordsRequest {
+        record: Some(Record::Transaction(pb::Transaction {
+            transaction_id: "orphan".into(),
+            kind: pb::TransactionKind::Purchase as i32,
+            amount: Some(Money { amount_minor: 100, currency: "CNY".into() }),
+            occurred_at: ts(1_760_000_000),
+            ..Default::default()
+        })),
+        customer_ref: Some(pb::ExternalId { source: "datagen".into(), id: "no-such-customer".into() }),
+    });
+    rows.push(pb::ImportRecordsRequest { record: None, customer_ref: None });
+
+    let first = admin.import_records(tokio_stream::iter(rows.clone())).await.expect("import").into_inner();
+    assert_eq!(first.customers_created, 700);
+    assert_eq!(first.transactions_recorded as usize, expected_tx);
+    assert_eq!(first.interactions_recorded as usize, expected_int);
+    let rejected: Vec<_> = first.rejections.iter().map(|r| (r.index as usize - bad_at, r.field.as_str())).collect();
+    assert_eq!(rejected, [(0, "customer.name"), (1, "customer_ref"), (2, "record")]);
+    assert_eq!(first.rejected, 3);
+    assert_eq!(app.count("customers").await, 700);
+    let created_events: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM kit_outbox WHERE event_type = 'crm.profiles.v1.CustomerCreated'")
+            .fetch_one(&app.pool)
+            .await
+            .expect("count");
+    assert_eq!(created_events, 700);
+
+    let again = admin.import_records(tokio_stream::iter(rows)).await.expect("re-import").into_inner();
+    assert_eq!((again.customers_created, again.customers_matched), (0, 700), "customers match on re-import");
+    assert_eq!((again.transactions_recorded, again.interactions_recorded), (0, 0));
+    assert_eq!(again.duplicates as usize, expected_tx + expected_int);
+    assert_eq!(app.count("customers").await, 700);
+    assert_eq!(app.count("transactions").await as usize, expected_tx);
+
+    // An imported customer is whole: identity normalised, history attached.
+    let g = &generated[3];
+    let found = admin
+        .resolve_customer(pb::ResolveCustomerRequest {
+            identity: Some(pb::resolve_customer_request::Identity::ExternalId(g.external_id())),
+            purpose: "check".into(),
+        })
+        .await
+        .expect("resolve")
+        .into_inner();
+    assert_eq!(found.phone, g.customer.phone);
+    let timeline = admin
+        .list_timeline(pb::ListTimelineRequest {
+            customer_id: found.customer_id,
+            page_size: 1000,
+            kinds: vec![pb::TimelineEntryKind::Transaction as i32],
+            ..Default::default()
+        })
+        .await
+        .expect("timeline")
+        .into_inner();
+    assert_eq!(timeline.entries.len(), g.transactions.len());
+}
