@@ -4,7 +4,7 @@ CARGO ?= cargo
 # Every service crate under services/ (binary crm-<name>).
 SERVICES := $(notdir $(patsubst %/Cargo.toml,%,$(wildcard services/*/Cargo.toml)))
 
-.PHONY: help test lint fmt run stop logs token datagen backing-services clean-local
+.PHONY: help test lint fmt run stop logs token datagen bench backing-services clean-local
 
 help:
 	@echo "make test      run every test (starts PostgreSQL and Redis if needed)"
@@ -14,6 +14,7 @@ help:
 	@echo "make logs      follow the services' logs"
 	@echo "make token     print an admin token (with pii:read) for grpcurl"
 	@echo "make datagen   write generated CSV data to target/data (CUSTOMERS=, SEED=)"
+	@echo "make bench     benchmarks against raw baselines in the same run (not part of make test; BENCHMARKS.md)"
 
 backing-services:
 	@bash scripts/ensure-backing-services.sh
@@ -46,3 +47,8 @@ datagen:
 
 clean-local: stop
 	rm -rf .local
+
+# Benchmarks are not part of `make test` or CI: release build, about 3 minutes.
+bench: backing-services
+	$(CARGO) build --release --locked -q -p crm-bench
+	RUST_LOG=warn ./target/release/crm-bench --customers $${BENCH_CUSTOMERS:-1000000} --seconds $${BENCH_SECONDS:-10} | tee target/bench-latest.md

@@ -28,7 +28,7 @@ if [[ ${#services[@]} -eq 0 ]]; then
 fi
 [[ -s $JWT_SECRET_FILE ]] || { head -c 48 /dev/urandom | base64 | tr -d '\n' > "$JWT_SECRET_FILE"; chmod 600 "$JWT_SECRET_FILE"; }
 echo "building the services..."
-cargo build --locked -q $(printf -- '-p crm-%s ' "${services[@]}") -p crm-kit --bins
+cargo build --locked -q $(printf -- '-p crm-%s ' "${services[@]}") -p crm-kit -p crm-demo --bins
 for s in "${services[@]}"; do
   if alive "$s"; then echo "$s already running (pid $(cat ".local/$s.pid"))"; continue; fi
   ./target/debug/crm-"$s" migrate >> ".local/logs/$s.log" 2>&1 || { echo "migrating $s failed: see .local/logs/$s.log"; exit 1; }

@@ -21,6 +21,9 @@ use crate::error::ApiError;
 /// The permission that unmasks personal data (SPEC 3).
 pub const PII_READ: &str = "pii:read";
 
+/// How many verified tokens are remembered.
+const VERIFIED_TOKENS: usize = 10_000;
+
 /// Paths any caller may use without a token.
 pub const PUBLIC_PREFIXES: &[&str] =
     &["/grpc.health.v1.Health/", "/grpc.reflection.v1.ServerReflection/", "/grpc.reflection.v1alpha.ServerReflection/"];
@@ -230,6 +233,9 @@ enum Mode {
         validation: Validation,
         config: JwtConfig,
         cached_service_token: Mutex<Option<(String, u64)>>,
+        /// Tokens already verified, with their expiry: a client presents the
+        /// same token on every call, so its signature is checked once.
+        verified: Mutex<HashMap<String, (Caller, u64)>>,
     },
 }
 
@@ -276,7 +282,13 @@ impl Authenticator {
                 validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
                 validation.leeway = jwt.leeway_seconds;
                 validation.validate_nbf = true;
-                Mode::Jwt { decoding, validation, config: jwt.clone(), cached_service_token: Mutex::new(None) }
+                Mode::Jwt {
+                    decoding,
+                    validation,
+                    config: jwt.clone(),
+                    cached_service_token: Mutex::new(None),
+                    verified: Mutex::new(HashMap::new()),
+                }
             }
         };
         Ok(Self { inner: Arc::new(mode) })
@@ -289,9 +301,9 @@ impl Authenticator {
 
     /// Authenticates the `authorization` header of a request.
     pub fn authenticate(&self, headers: &http::HeaderMap) -> Result<Caller, ApiError> {
-        let (decoding, validation) = match &*self.inner {
+        let (decoding, validation, verified) = match &*self.inner {
             Mode::Disabled => return Ok(Caller::development()),
-            Mode::Jwt { decoding, validation, .. } => (decoding, validation),
+            Mode::Jwt { decoding, validation, verified, .. } => (decoding, validation, verified),
         };
         let header = headers
             .get(http::header::AUTHORIZATION)
@@ -303,6 +315,12 @@ impl Authenticator {
             .map(str::trim)
             .filter(|t| !t.is_empty())
             .ok_or_else(|| ApiError::Unauthenticated("`authorization` metadata must be `Bearer <token>`".into()))?;
+        let now = unix_now();
+        if let Some((caller, exp)) = verified.lock().unwrap_or_else(|p| p.into_inner()).get(token)
+            && now < exp.saturating_add(validation.leeway)
+        {
+            return Ok(caller.clone());
+        }
         let data = jsonwebtoken::decode::<Claims>(token, decoding, validation).map_err(|e| {
             use jsonwebtoken::errors::ErrorKind as K;
             let why = match e.kind() {
@@ -318,11 +336,18 @@ impl Authenticator {
             ApiError::Unauthenticated(why)
         })?;
         let claims = data.claims;
-        Ok(Caller {
+        let caller = Caller {
             subject: claims.sub,
             roles: claims.roles.iter().filter_map(|r| Role::parse(r)).collect(),
             permissions: claims.permissions,
-        })
+        };
+        let mut cache = verified.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= VERIFIED_TOKENS {
+            // Bounded memory: start over rather than track recency.
+            cache.clear();
+        }
+        cache.insert(token.to_string(), (caller.clone(), claims.exp));
+        Ok(caller)
     }
 
     /// The bearer token this service presents to other services: the content

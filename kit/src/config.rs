@@ -131,6 +131,11 @@ pub const KIT_VARS: &[VarSpec] = &[
         "168",
         "How long published events stay in the outbox table (for audit and re-publishing).",
     ),
+    var(
+        "EVENT_STREAM_PREFIX",
+        "crm",
+        "Prefix of the event stream names (`<prefix>.<service>.events`); lets several environments share one Redis.",
+    ),
     var("EVENT_STREAM_MAXLEN", "1000000", "Approximate maximum length of each Redis event stream (XADD MAXLEN ~)."),
     var("CONSUMER_BATCH_SIZE", "100", "Events read per consumer round."),
     var("CONSUMER_BLOCK_MS", "1000", "How long a consumer blocks waiting for new events."),
@@ -383,6 +388,8 @@ pub struct KitConfig {
     pub outbox_batch_size: i64,
     /// Retention of published outbox rows.
     pub outbox_retention: Duration,
+    /// Prefix of stream names.
+    pub event_stream_prefix: String,
     /// Approximate max stream length.
     pub event_stream_maxlen: u64,
     /// Consumer read batch.
@@ -460,6 +467,13 @@ impl KitConfig {
             outbox_poll_interval: env.millis("OUTBOX_POLL_INTERVAL_MS", 100)?,
             outbox_batch_size: env.bounded("OUTBOX_BATCH_SIZE", 500, 1, 10_000)? as i64,
             outbox_retention: Duration::from_secs(3600 * env.bounded("OUTBOX_RETENTION_HOURS", 168, 1, 24 * 365)?),
+            event_stream_prefix: {
+                let p = env.raw("EVENT_STREAM_PREFIX").unwrap_or_else(|| "crm".into());
+                if p.is_empty() || p.len() > 40 || !p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+                    return Err(ConfigError::new("EVENT_STREAM_PREFIX", Some(&p), "expected 1..40 of [A-Za-z0-9._-]"));
+                }
+                p
+            },
             event_stream_maxlen: env.bounded("EVENT_STREAM_MAXLEN", 1_000_000, 1000, u64::MAX)?,
             consumer_batch_size: env.bounded("CONSUMER_BATCH_SIZE", 100, 1, 10_000)? as usize,
             consumer_block: env.millis("CONSUMER_BLOCK_MS", 1000)?,

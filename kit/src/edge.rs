@@ -51,6 +51,7 @@ struct EdgeState {
     metrics: Metrics,
     permits: Arc<Semaphore>,
     request_timeout: Duration,
+    long_running: std::collections::HashSet<String>,
 }
 
 impl EdgeLayer {
@@ -71,7 +72,19 @@ impl EdgeLayer {
                 metrics,
                 permits: Arc::new(Semaphore::new(max_concurrent)),
                 request_timeout,
+                long_running: Default::default(),
             }),
+        }
+    }
+
+    /// Paths exempt from the server's default deadline (streaming imports).
+    pub fn with_long_running(self, paths: std::collections::HashSet<String>) -> Self {
+        match Arc::try_unwrap(self.state) {
+            Ok(mut state) => {
+                state.long_running = paths;
+                Self { state: Arc::new(state) }
+            }
+            Err(state) => Self { state },
         }
     }
 }
@@ -166,9 +179,14 @@ where
                 // tonic enforces the client's grpc-timeout outside this layer but
                 // answers CANCELLED; answering a little earlier gives the client
                 // the DEADLINE_EXCEEDED the gRPC spec asks for.
+                let server_limit = if state.long_running.contains(&path) {
+                    Duration::from_secs(24 * 3600)
+                } else {
+                    state.request_timeout
+                };
                 let deadline = match grpc_timeout(req.headers()) {
-                    Some(client) => client.saturating_sub(DEADLINE_MARGIN).min(state.request_timeout),
-                    None => state.request_timeout,
+                    Some(client) => client.saturating_sub(DEADLINE_MARGIN).min(server_limit),
+                    None => server_limit,
                 };
                 req.extensions_mut().insert::<Caller>(caller);
                 match tokio::time::timeout(deadline, inner.call(req)).await {

@@ -24,9 +24,10 @@ use crate::lifecycle::ShutdownSignal;
 use crate::metrics::Metrics;
 use crate::telemetry;
 
-/// The stream a service publishes to.
-pub fn stream_name(service: &str) -> String {
-    format!("crm.{service}.events")
+/// The stream a service publishes to: `<prefix>.<service>.events`
+/// (`EVENT_STREAM_PREFIX`, default "crm").
+pub fn stream_name(prefix: &str, service: &str) -> String {
+    format!("{prefix}.{service}.events")
 }
 
 /// What identifies an event's subject.
@@ -146,12 +147,12 @@ pub struct OutboxRelay {
 }
 
 impl OutboxRelay {
-    /// A relay of `service`'s outbox.
+    /// A relay of `service`'s outbox to `crm.<service>.events`.
     pub fn new(pool: PgPool, redis: Redis, service: &str, metrics: Metrics) -> Self {
         Self {
             pool,
             redis,
-            stream: stream_name(service),
+            stream: stream_name("crm", service),
             batch_size: 500,
             poll_interval: Duration::from_millis(100),
             maxlen: 1_000_000,
@@ -160,8 +161,9 @@ impl OutboxRelay {
         }
     }
 
-    /// Applies the kit configuration.
-    pub fn configured(mut self, config: &crate::config::KitConfig) -> Self {
+    /// Applies the kit configuration (stream prefix, batch, timings).
+    pub fn configured(mut self, config: &crate::config::KitConfig, service: &str) -> Self {
+        self.stream = stream_name(&config.event_stream_prefix, service);
         self.batch_size = config.outbox_batch_size;
         self.poll_interval = config.outbox_poll_interval;
         self.maxlen = config.event_stream_maxlen;

@@ -55,6 +55,10 @@ pub struct ServiceSpec {
     /// The service's own environment variables (beyond the kit's), for
     /// `<service> config` and the documentation check.
     pub vars: &'static [crate::config::VarSpec],
+    /// Streaming RPCs (method names) that may run longer than
+    /// `REQUEST_TIMEOUT_MS`, e.g. bulk imports; the client's `grpc-timeout`
+    /// still applies to them.
+    pub long_running: &'static [&'static str],
 }
 
 /// Start-up or serving failure.
@@ -141,13 +145,15 @@ impl Kit {
     /// Starts the outbox relay of this service.
     pub fn spawn_outbox_relay(&mut self) {
         let relay = OutboxRelay::new(self.pg.clone(), self.redis.clone(), self.spec.name, self.metrics.clone())
-            .configured(&self.config);
+            .configured(&self.config, self.spec.name);
         let signal = self.shutdown.signal();
         self.spawn(relay.run(signal));
     }
 
-    /// Starts a consumer of `streams` (e.g. `outbox::stream_name("profiles")`).
-    pub fn spawn_consumer<H: EventHandler>(&mut self, streams: Vec<String>, handler: H) -> Result<(), KitError> {
+    /// Starts a consumer of the event streams of `services` (e.g. `["outreach"]`).
+    pub fn spawn_consumer<H: EventHandler>(&mut self, services: &[&str], handler: H) -> Result<(), KitError> {
+        let streams =
+            services.iter().map(|s| crate::outbox::stream_name(&self.config.event_stream_prefix, s)).collect();
         let settings = ConsumerSettings::from_config(&self.config, streams);
         let consumer = Consumer::new(self.pg.clone(), &self.config.redis_url, settings, handler, self.metrics.clone())
             .map_err(|e| ConfigError::new("REDIS_URL", None, e.to_string()))?;
@@ -220,6 +226,12 @@ impl Kit {
         }
         let addr = listener.local_addr().map_err(|e| KitError::Serve(e.to_string()))?;
         let routes = self.with_health_and_reflection(routes)?;
+        let long_running = self
+            .spec
+            .grpc_services
+            .iter()
+            .flat_map(|svc| self.spec.long_running.iter().map(move |m| format!("/{svc}/{m}")))
+            .collect();
         let edge = EdgeLayer::new(
             self.spec.name,
             policy,
@@ -227,7 +239,8 @@ impl Kit {
             self.metrics.clone(),
             self.config.max_concurrent_requests,
             self.config.request_timeout,
-        );
+        )
+        .with_long_running(long_running);
 
         if let Some(metrics_addr) = self.config.metrics_addr {
             let listener = Metrics::bind(metrics_addr)

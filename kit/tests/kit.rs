@@ -25,7 +25,7 @@ fn consumer(run: &common::Running, name: &str, handler: common::EffectWriter) ->
     let settings = ConsumerSettings {
         group: format!("{}-reader", run.config.service),
         name: name.to_string(),
-        streams: vec![stream_name(&run.config.service)],
+        streams: vec![stream_name("crm", &run.config.service)],
         batch_size: 100,
         block: Duration::from_millis(100),
         claim_idle: Duration::from_millis(300),
@@ -135,8 +135,12 @@ async fn events_written_while_redis_is_down_are_delivered_once_it_is_back() {
     let entries: redis::RedisResult<Vec<redis::streams::StreamId>> = async {
         let client = redis::Client::open(url.as_str())?;
         let mut conn = client.get_multiplexed_async_connection().await?;
-        let reply: redis::streams::StreamRangeReply =
-            redis::cmd("XRANGE").arg(stream_name(&run.config.service)).arg("-").arg("+").query_async(&mut conn).await?;
+        let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(stream_name("crm", &run.config.service))
+            .arg("-")
+            .arg("+")
+            .query_async(&mut conn)
+            .await?;
         Ok(reply.ids)
     }
     .await;
@@ -175,7 +179,7 @@ async fn a_consumer_that_crashes_mid_batch_and_restarts_applies_each_event_once(
     let mut conn = client.get_multiplexed_async_connection().await.expect("redis");
     let _: () = redis::cmd("XGROUP")
         .arg("SETID")
-        .arg(stream_name(&run.config.service))
+        .arg(stream_name("crm", &run.config.service))
         .arg(format!("{}-reader", run.config.service))
         .arg("0")
         .query_async(&mut conn)

@@ -156,6 +156,7 @@ pub fn spec(name: &'static str) -> ServiceSpec {
         migrator: &MIGRATOR,
         descriptors: pb::FILE_DESCRIPTOR_SET,
         vars: &[],
+        long_running: &[],
     }
 }
 

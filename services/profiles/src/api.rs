@@ -1048,14 +1048,8 @@ impl ProfilesService for ProfilesApi {
 
     async fn list_suspected_duplicates(
         &self,
-        _request: Request<pb::ListSuspectedDuplicatesRequest>,
+        request: Request<pb::ListSuspectedDuplicatesRequest>,
     ) -> Reply<pb::ListSuspectedDuplicatesResponse> {
-        Err(not_yet("ListSuspectedDuplicates"))
+        self.suspected_duplicates(request.into_inner()).await.into_grpc(SERVICE)
     }
-}
-
-/// RPCs of the v1 contract whose implementation has not landed yet answer
-/// UNIMPLEMENTED (a client can detect it), never a fake result.
-fn not_yet(method: &str) -> Status {
-    Status::unimplemented(format!("{method} is part of the v1 contract but not implemented in this release"))
 }

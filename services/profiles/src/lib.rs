@@ -7,10 +7,12 @@
 pub mod api;
 pub mod cache;
 pub mod domain;
+pub mod duplicates;
 pub mod events;
 pub mod import;
 pub mod merging;
 pub mod store;
+pub mod timeline;
 
 use std::time::Duration;
 
@@ -34,6 +36,7 @@ pub const SPEC: ServiceSpec = ServiceSpec {
     migrator: &MIGRATOR,
     descriptors: crm_proto::FILE_DESCRIPTOR_SET,
     vars: PROFILE_VARS,
+    long_running: &["ImportRecords"],
 };
 
 /// Profiles' own variables (documented in docs/configuration.md).
@@ -101,6 +104,8 @@ pub async fn run(mut kit: Kit) -> Result<(), KitError> {
     let config = ProfilesConfig::load(&Env::process())?;
     let (api, cache) = build(&kit, &config);
     kit.spawn_outbox_relay();
+    // PRF-5: contacts, feedback and tier moves from the other services.
+    kit.spawn_consumer(timeline::SOURCES, timeline::TimelineProjector::new(cache.clone()))?;
     let signal = kit.shutdown_signal();
     kit.spawn(async move {
         while signal.sleep(Duration::from_secs(1)).await {

@@ -90,25 +90,26 @@ pub fn etag(version: i64) -> String {
     format!("v{version}")
 }
 
-/// Loads one row by id (alias rows included), with external ids and aliases.
+/// Loads one row by id (alias rows included), with external ids and aliases,
+/// in one round trip.
 pub async fn load(conn: &mut PgConnection, id: Uuid) -> Result<Option<Stored>, sqlx::Error> {
-    let sql = format!("SELECT {COLUMNS} FROM customers WHERE customer_id = $1");
+    let sql = format!(
+        "SELECT {COLUMNS}, \
+           ARRAY(SELECT source || chr(31) || external_id FROM external_ids x WHERE x.customer_id = c.customer_id ORDER BY 1) AS ext, \
+           ARRAY(SELECT a.customer_id FROM customers a WHERE a.merged_into = c.customer_id ORDER BY 1) AS aliases \
+         FROM customers c WHERE customer_id = $1"
+    );
     let Some(row) = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id).fetch_optional(&mut *conn).await? else {
         return Ok(None);
     };
     let mut stored = row_to_stored(&row)?;
-    let ids: Vec<(String, String)> = sqlx::query_as(
-        "SELECT source, external_id FROM external_ids WHERE customer_id = $1 ORDER BY source, external_id",
-    )
-    .bind(id)
-    .fetch_all(&mut *conn)
-    .await?;
-    stored.customer.external_ids = ids.into_iter().map(|(source, id)| ExternalId { source, id }).collect();
-    let aliases: Vec<Uuid> =
-        sqlx::query_scalar("SELECT customer_id FROM customers WHERE merged_into = $1 ORDER BY customer_id")
-            .bind(id)
-            .fetch_all(&mut *conn)
-            .await?;
+    let ext: Vec<String> = row.try_get("ext")?;
+    stored.customer.external_ids = ext
+        .iter()
+        .filter_map(|e| e.split_once('\u{1f}'))
+        .map(|(source, id)| ExternalId { source: source.to_string(), id: id.to_string() })
+        .collect();
+    let aliases: Vec<Uuid> = row.try_get("aliases")?;
     stored.customer.alias_ids = aliases.into_iter().map(|a| a.to_string()).collect();
     Ok(Some(stored))
 }
@@ -846,4 +847,55 @@ pub async fn holders(
         out.push((key, live));
     }
     Ok(out)
+}
+
+/// A candidate duplicate pair with what the two records share (PRF-10).
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    pub a: Uuid,
+    pub b: Uuid,
+    pub likeness: crate::domain::quality::Likeness,
+}
+
+/// Pairs of live, not erased customers that share a name or a phone tail,
+/// excluding pairs a merge of which was undone (a human said: not the same).
+pub async fn duplicate_candidates(conn: &mut PgConnection, limit: i64) -> Result<Vec<Candidate>, sqlx::Error> {
+    let rows: Vec<(Uuid, Uuid, bool, bool, bool, bool, bool)> = sqlx::query_as(
+        "WITH live AS ( \
+           SELECT customer_id, lower(name) AS n, phone, email, birth_year, birth_month, birth_day, region \
+           FROM customers WHERE merged_into IS NULL AND erased_at IS NULL), \
+         pairs AS ( \
+           SELECT a.customer_id AS a, b.customer_id AS b FROM live a JOIN live b ON a.n = b.n AND a.customer_id < b.customer_id \
+           UNION \
+           SELECT a.customer_id, b.customer_id FROM live a JOIN live b \
+             ON right(a.phone, 7) = right(b.phone, 7) AND a.phone <> b.phone AND a.customer_id < b.customer_id) \
+         SELECT p.a, p.b, \
+           COALESCE(x.n = y.n, false), \
+           COALESCE(x.birth_month = y.birth_month AND x.birth_day = y.birth_day \
+             AND (x.birth_year IS NULL OR y.birth_year IS NULL OR x.birth_year = y.birth_year), false), \
+           COALESCE(right(x.phone, 7) = right(y.phone, 7) AND x.phone <> y.phone, false), \
+           COALESCE(split_part(x.email, '@', 1) = split_part(y.email, '@', 1) AND x.email <> y.email, false), \
+           COALESCE(x.region = y.region AND x.region <> '', false) \
+         FROM pairs p JOIN live x ON x.customer_id = p.a JOIN live y ON y.customer_id = p.b \
+         WHERE NOT EXISTS (SELECT 1 FROM merges m WHERE m.undone_at IS NOT NULL \
+                           AND ((m.survivor_id = p.a AND m.loser_id = p.b) OR (m.survivor_id = p.b AND m.loser_id = p.a))) \
+         LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(a, b, same_name, same_birthday, similar_phone, same_email_user, same_region)| Candidate {
+            a,
+            b,
+            likeness: crate::domain::quality::Likeness {
+                same_name,
+                same_birthday,
+                similar_phone,
+                same_email_user,
+                same_region,
+            },
+        })
+        .collect())
 }

@@ -893,3 +893,146 @@ async fn prf4_bulk_import_reports_every_rejected_row_and_is_safe_to_rerun() {
         .into_inner();
     assert_eq!(timeline.entries.len(), g.transactions.len());
 }
+
+#[tokio::test]
+async fn prf10_suspected_duplicates_are_scored_and_explained() {
+    let app = common::start().await;
+    let mut admin = app.admin();
+    let birthday = Some(crm_proto::common::v1::Date { year: 1990, month: 5, day: 1 });
+    let a = create(&mut admin, pb::Customer { birthday, ..person("Wei Li", "+8613900000030", "") }).await;
+    let b = create(&mut admin, pb::Customer { birthday, ..person("wei li", "+8613800000030", "") }).await;
+    create(&mut admin, person("Wei Li", "+8613700001234", "")).await; // same name only: weak
+    create(&mut admin, person("Somebody Else", "+8613900009999", "")).await;
+    let report = admin
+        .list_suspected_duplicates(pb::ListSuspectedDuplicatesRequest::default())
+        .await
+        .expect("report")
+        .into_inner();
+    assert_eq!(report.duplicates.len(), 1, "{:?}", report.duplicates);
+    let d = &report.duplicates[0];
+    let mut pair = [d.customer_id.clone(), d.other_customer_id.clone()];
+    pair.sort();
+    let mut want = [a.customer_id.clone(), b.customer_id.clone()];
+    want.sort();
+    assert_eq!(pair, want);
+    assert_eq!(d.score, 100);
+    assert!(d.reasons.contains(&"same birthday".to_string()) && d.reasons.contains(&"similar phone".to_string()));
+    let weak = admin
+        .list_suspected_duplicates(pb::ListSuspectedDuplicatesRequest { min_score: 30, ..Default::default() })
+        .await
+        .expect("weak")
+        .into_inner();
+    assert!(weak.duplicates.len() >= 3, "weaker pairs appear with a lower threshold");
+    let bad = admin
+        .list_suspected_duplicates(pb::ListSuspectedDuplicatesRequest { min_score: 101, ..Default::default() })
+        .await
+        .expect_err("bad score");
+    assert_eq!(bad_fields(&bad), ["min_score"]);
+}
+
+#[tokio::test]
+async fn prf5_contacts_feedback_and_tier_moves_from_other_services_join_the_timeline() {
+    use crm_proto::feedback::v1 as fb;
+    use crm_proto::outreach::v1 as out;
+    use crm_proto::segmentation::v1 as seg;
+    let prefix = crm_kit::testing::unique_name("tl");
+    let app = common::start_with_consumers(&prefix).await;
+    let mut admin = app.admin();
+    let c = create(&mut admin, person("Timeline", "+8613900000040", "")).await;
+
+    // Another service's outbox and relay, publishing under the same prefix.
+    let producer = common::producer_pool().await;
+    let mut tx = producer.begin().await.expect("tx");
+    let message = out::Message {
+        message_id: "m-1".into(),
+        customer_id: c.customer_id.clone(),
+        channel: Channel::Sms as i32,
+        campaign_id: "winback".into(),
+        state: out::MessageState::Sent as i32,
+        send_time: ts(1_760_000_100),
+        ..Default::default()
+    };
+    let agg = crm_kit::outbox::Aggregate { kind: "message", id: "m-1" };
+    crm_kit::outbox::enqueue(
+        &mut tx,
+        "outreach",
+        agg,
+        "r",
+        &out::MessageSent { message: Some(message), holdout: false },
+    )
+    .await
+    .expect("enqueue");
+    let feedback = fb::FeedbackReceived {
+        feedback_id: "f-1".into(),
+        customer_id: c.customer_id.clone(),
+        channel: Channel::Hotline as i32,
+        category: fb::Category::ServiceComplaint as i32,
+        sentiment: -0.6,
+        receive_time: ts(1_760_000_200),
+        ..Default::default()
+    };
+    crm_kit::outbox::enqueue(
+        &mut tx,
+        "feedback",
+        crm_kit::outbox::Aggregate { kind: "feedback", id: "f-1" },
+        "r",
+        &feedback,
+    )
+    .await
+    .expect("enqueue");
+    let tier = seg::TierChanged {
+        customer_id: c.customer_id.clone(),
+        r#move: Some(seg::TierMove {
+            from_tier: crm_proto::common::v1::Tier::Silver as i32,
+            to_tier: crm_proto::common::v1::Tier::Gold as i32,
+            reason: "top 50 % by 12-month spend".into(),
+            move_time: ts(1_760_000_300),
+        }),
+    };
+    crm_kit::outbox::enqueue(
+        &mut tx,
+        "segmentation",
+        crm_kit::outbox::Aggregate { kind: "customer", id: &c.customer_id },
+        "r",
+        &tier,
+    )
+    .await
+    .expect("enqueue");
+    tx.commit().await.expect("commit");
+    for service in ["outreach", "feedback", "segmentation"] {
+        common::publish(&producer, &prefix, service).await;
+    }
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let kinds = loop {
+        let t = admin
+            .list_timeline(pb::ListTimelineRequest { customer_id: c.customer_id.clone(), ..Default::default() })
+            .await
+            .expect("timeline")
+            .into_inner();
+        let kinds: Vec<i32> = t.entries.iter().map(|e| e.kind).collect();
+        if kinds.len() >= 3 || tokio::time::Instant::now() > deadline {
+            break kinds;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        kinds,
+        [
+            pb::TimelineEntryKind::TierChange as i32,
+            pb::TimelineEntryKind::Feedback as i32,
+            pb::TimelineEntryKind::Contact as i32
+        ],
+        "newest first"
+    );
+    let read = admin
+        .get_customer(pb::GetCustomerRequest { customer_id: c.customer_id.clone(), purpose: String::new() })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(
+        read.tier,
+        crm_proto::common::v1::Tier::Gold as i32,
+        "the tier from segmentation is on the record (cache invalidated)"
+    );
+}

@@ -225,14 +225,12 @@ fn generate_one(rng: &mut StdRng, index: usize, start: DateTime<Utc>, config: &C
         "CN-HK" => "Asia/Hong_Kong",
         _ => "Asia/Shanghai",
     };
+    // Unique by construction: index -> 9 digits is a bijection (7919 is coprime to 10^9).
+    let unique = (index as u64).wrapping_mul(7919).wrapping_add(config.seed.wrapping_mul(104_729)) % 1_000_000_000;
     let phone = if region.starts_with("CN") && region != "CN-HK" {
-        format!(
-            "+861{}{:09}",
-            pick(rng, &["3", "5", "8", "9"]),
-            (index as u64 * 7919 + rng.random_range(0..7919)) % 1_000_000_000
-        )
+        format!("+861{}{unique:09}", pick(rng, &["3", "5", "8", "9"]))
     } else {
-        format!("+65{:08}", 80_000_000 + (index as u64 % 9_999_999))
+        format!("+65{}{:07}", pick(rng, &["8", "9"]), unique % 10_000_000 + (index as u64 / 10_000_000) % 10)
     };
     let email = format!("{email_local}@{}", pick(rng, &["example.com", "example.cn", "mail.example.org"]));
     let birthday =
@@ -454,8 +452,14 @@ mod tests {
         let cutoff = (config.horizon - Duration::days(90)).timestamp();
         for g in churners {
             assert!(!g.transactions.is_empty());
-            let last =
-                g.transactions.iter().filter_map(|t| t.occurred_at.as_ref()).map(|t| t.seconds).max().unwrap_or(0);
+            let last = g
+                .transactions
+                .iter()
+                .filter(|t| t.kind == TransactionKind::Purchase as i32)
+                .filter_map(|t| t.occurred_at.as_ref())
+                .map(|t| t.seconds)
+                .max()
+                .unwrap_or(0);
             assert!(last < cutoff, "churner {} bought within the last 90 days", g.index);
         }
         assert!(silent.iter().all(|g| g.transactions.is_empty()));
@@ -463,7 +467,7 @@ mod tests {
 
     #[test]
     fn identities_are_well_formed_and_unique() {
-        let all = sample(2000);
+        let all = sample(20_000);
         let mut phones = std::collections::HashSet::new();
         for g in &all {
             let c = &g.customer;

@@ -40,3 +40,58 @@ mod tests {
         assert_eq!(completeness(&c), 22);
     }
 }
+
+/// What two records have in common (PRF-10).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Likeness {
+    /// Same name (case-insensitive, spaces normalised).
+    pub same_name: bool,
+    /// Same birthday (month and day; year too when both have one).
+    pub same_birthday: bool,
+    /// Phones share their last 7 digits but differ (typo, other country code).
+    pub similar_phone: bool,
+    /// Same e-mail local part at different domains.
+    pub same_email_user: bool,
+    /// Same region.
+    pub same_region: bool,
+}
+
+/// Similarity 0..100 and the reasons, for a pair not merged (PRF-10).
+pub fn duplicate_score(l: Likeness) -> (i32, Vec<&'static str>) {
+    let mut score = 0;
+    let mut reasons = Vec::new();
+    for (hit, points, reason) in [
+        (l.same_name, 30, "same name"),
+        (l.same_birthday, 30, "same birthday"),
+        (l.similar_phone, 35, "similar phone"),
+        (l.same_email_user, 25, "same e-mail user at another domain"),
+        (l.same_region, 10, "same region"),
+    ] {
+        if hit {
+            score += points;
+            reasons.push(reason);
+        }
+    }
+    (score.min(100), reasons)
+}
+
+#[cfg(test)]
+mod duplicate_tests {
+    use super::*;
+
+    #[test]
+    fn strong_and_weak_signals_add_up() {
+        let strong = Likeness { same_name: true, same_birthday: true, similar_phone: true, ..Default::default() };
+        assert_eq!(duplicate_score(strong), (95, vec!["same name", "same birthday", "similar phone"]));
+        let weak = Likeness { same_name: true, same_region: true, ..Default::default() };
+        assert_eq!(duplicate_score(weak).0, 40);
+        let all = Likeness {
+            same_name: true,
+            same_birthday: true,
+            similar_phone: true,
+            same_email_user: true,
+            same_region: true,
+        };
+        assert_eq!(duplicate_score(all).0, 100);
+    }
+}

@@ -40,13 +40,30 @@ pub async fn start() -> App {
 }
 
 pub async fn start_with(adjust: impl FnOnce(&mut crm_kit::config::KitConfig)) -> App {
+    start_full(adjust, false).await
+}
+
+/// Profiles with its event consumers, reading streams under `prefix`.
+pub async fn start_with_consumers(prefix: &str) -> App {
+    let prefix = prefix.to_string();
+    start_full(move |c| c.event_stream_prefix = prefix, true).await
+}
+
+async fn start_full(adjust: impl FnOnce(&mut crm_kit::config::KitConfig), consumers: bool) -> App {
     let mut config = crm_kit::testing::config("profiles").await;
     adjust(&mut config);
-    let kit = crm_kit::Kit::start(crm_profiles::SPEC, config).await.expect("kit starts");
-    let (api, _cache) = crm_profiles::build(
+    let mut kit = crm_kit::Kit::start(crm_profiles::SPEC, config).await.expect("kit starts");
+    let (api, cache) = crm_profiles::build(
         &kit,
         &crm_profiles::ProfilesConfig { cache_enabled: true, cache_ttl: Duration::from_secs(60) },
     );
+    if consumers {
+        kit.spawn_consumer(
+            crm_profiles::timeline::SOURCES,
+            crm_profiles::timeline::TimelineProjector::new(cache.clone()),
+        )
+        .expect("consumer");
+    }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
     let pool = kit.pg.clone();
@@ -108,4 +125,25 @@ pub fn bad_fields(status: &tonic::Status) -> Vec<String> {
         .bad_request()
         .map(|b| b.field_violations.iter().map(|f| f.field.clone()).collect())
         .unwrap_or_default()
+}
+
+static NO_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate::Migrator::DEFAULT;
+
+/// A schema with only the kit's tables, standing in for another service's database.
+pub async fn producer_pool() -> PgPool {
+    let config = crm_kit::testing::config("producer").await;
+    let pool = crm_kit::db::pg_pool(&config).expect("pool");
+    crm_kit::db::migrate(&pool, &config.database_schema, &NO_MIGRATIONS).await.expect("kit tables");
+    pool
+}
+
+/// Publishes what `service` has in that outbox to `<prefix>.<service>.events`.
+pub async fn publish(pool: &PgPool, prefix: &str, service: &str) {
+    let mut config = crm_kit::testing::config(service).await;
+    config.event_stream_prefix = prefix.to_string();
+    let redis = crm_kit::db::Redis::connect(&crm_kit::testing::redis_url(), Duration::from_secs(1)).expect("redis");
+    let relay =
+        crm_kit::outbox::OutboxRelay::new(pool.clone(), redis, service, crm_kit::metrics::Metrics::new(service))
+            .configured(&config, service);
+    relay.publish_once().await.expect("publish");
 }

@@ -1,0 +1,389 @@
+//! `make bench`: each figure is reported with a raw baseline measured in the
+//! same run on the same machine, and as a ratio to it.
+//!
+//! profiles (issue 3):
+//! - GetCustomer on a cached profile vs a bare Redis GET of the same key, both
+//!   closed-loop at concurrency 64; GetCustomer with the cache off;
+//! - GetCustomer open-loop at a steady 5 000 requests/s (latency counted from
+//!   the scheduled send time, so queueing in the load tool is not hidden);
+//! - bulk import of generated customers vs PostgreSQL COPY of the same rows.
+//!
+//! Usage: crm-bench [--customers N] [--seconds S] [--reads-only | --import-only]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crm_kit::Role;
+use crm_proto::profiles::v1 as pb;
+use crm_proto::profiles::v1::profiles_service_client::ProfilesServiceClient;
+use crm_proto::profiles::v1::profiles_service_server::ProfilesServiceServer;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+type Client = ProfilesServiceClient<InterceptedService<Channel, Bearer>>;
+
+#[derive(Clone)]
+struct Bearer(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+struct Stats {
+    ops: usize,
+    errors: usize,
+    seconds: f64,
+    p50_us: u64,
+    p99_us: u64,
+}
+
+impl Stats {
+    fn from(mut latencies: Vec<u64>, errors: usize, seconds: f64) -> Self {
+        latencies.sort_unstable();
+        let pick = |q: f64| {
+            latencies
+                .get(((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1)))
+                .copied()
+                .unwrap_or(0)
+        };
+        Stats { ops: latencies.len(), errors, seconds, p50_us: pick(0.50), p99_us: pick(0.99) }
+    }
+    fn rate(&self) -> f64 {
+        self.ops as f64 / self.seconds
+    }
+}
+
+async fn start_profiles(cache: bool) -> (String, crm_kit::lifecycle::Shutdown, sqlx::PgPool) {
+    let mut config = crm_kit::testing::config("profiles").await;
+    config.max_concurrent_requests = 10_000;
+    config.database_max_connections = 16;
+    // The COPY baseline of a million rows runs longer than the service's statement timeout.
+    config.database_statement_timeout = Duration::ZERO;
+    let kit = crm_kit::Kit::start(crm_profiles::SPEC, config).await.expect("kit");
+    let (api, _) = crm_profiles::build(
+        &kit,
+        &crm_profiles::ProfilesConfig { cache_enabled: cache, cache_ttl: Duration::from_secs(3600) },
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let shutdown = kit.shutdown_handle();
+    let pool = kit.pg.clone();
+    let routes = tonic::service::Routes::new(ProfilesServiceServer::new(api).max_decoding_message_size(64 << 20));
+    tokio::spawn(kit.serve_on(listener, routes, crm_profiles::access_policy()));
+    (url, shutdown, pool)
+}
+
+fn clients(url: &str, n: usize) -> Vec<Client> {
+    let token = crm_kit::testing::token(&[Role::Admin, Role::Service], false);
+    let value: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse().expect("ascii");
+    (0..n)
+        .map(|_| {
+            ProfilesServiceClient::with_interceptor(
+                crm_kit::client::channel(url).expect("channel"),
+                Bearer(value.clone()),
+            )
+        })
+        .collect()
+}
+
+async fn seed(client: &mut Client, n: usize) -> Vec<String> {
+    let generated: Vec<_> =
+        crm_datagen::Generator::new(crm_datagen::Config { customers: n, seed: 7, ..Default::default() }).collect();
+    let rows: Vec<pb::ImportRecordsRequest> = generated
+        .iter()
+        .map(|g| pb::ImportRecordsRequest {
+            record: Some(pb::import_records_request::Record::Customer(g.customer.clone())),
+            customer_ref: None,
+        })
+        .collect();
+    client.import_records(tokio_stream::iter(rows)).await.expect("seed import");
+    let mut ids = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = client
+            .list_customers(pb::ListCustomersRequest { page_size: 1000, page_token: token, ..Default::default() })
+            .await
+            .expect("list")
+            .into_inner();
+        ids.extend(page.customers.into_iter().map(|c| c.customer_id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    ids
+}
+
+/// Closed loop: `concurrency` workers each issue the next request when the last returns.
+async fn closed_loop<F, Fut>(concurrency: usize, duration: Duration, op: F) -> Stats
+where
+    F: Fn(usize, usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    let op = Arc::new(op);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|w| {
+            let op = op.clone();
+            tokio::spawn(async move {
+                let mut lat = Vec::with_capacity(100_000);
+                let mut errors = 0;
+                let mut i = w;
+                while started.elapsed() < duration {
+                    let t = Instant::now();
+                    if op(w, i).await {
+                        lat.push(t.elapsed().as_micros() as u64);
+                    } else {
+                        errors += 1;
+                    }
+                    i += concurrency;
+                }
+                (lat, errors)
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (l, e) = t.await.expect("worker");
+        all.extend(l);
+        errors += e;
+    }
+    Stats::from(all, errors, started.elapsed().as_secs_f64())
+}
+
+/// Open loop: requests are released at a fixed rate whatever the latency, by
+/// a pacing thread with sub-millisecond precision (tokio's timer ticks in
+/// whole milliseconds, which would release bursts); each latency counts from
+/// its scheduled time.
+async fn open_loop<F, Fut>(rate: u64, duration: Duration, op: F) -> Stats
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = bool> + Send + 'static,
+{
+    let op = Arc::new(op);
+    let total = (rate as f64 * duration.as_secs_f64()) as usize;
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let handle = tokio::runtime::Handle::current();
+    let pacer = std::thread::spawn(move || {
+        let start = Instant::now();
+        let mut handles = Vec::with_capacity(total);
+        for i in 0..total {
+            let due = start + interval * i as u32;
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            let op = op.clone();
+            handles.push(handle.spawn(async move {
+                let ok = op(i).await;
+                (ok, due.elapsed().as_micros() as u64)
+            }));
+        }
+        (handles, start)
+    });
+    let (handles, start) =
+        tokio::task::spawn_blocking(move || pacer.join().expect("pacer")).await.expect("pacer thread");
+    let mut lat = Vec::with_capacity(total);
+    let mut errors = 0;
+    for h in handles {
+        let (ok, l) = h.await.expect("request");
+        if ok {
+            lat.push(l);
+        } else {
+            errors += 1;
+        }
+    }
+    Stats::from(lat, errors, start.elapsed().as_secs_f64())
+}
+
+fn row(name: &str, s: &Stats, baseline: Option<&Stats>) -> String {
+    let ratio = baseline.map(|b| format!("{:.0} %", 100.0 * s.rate() / b.rate())).unwrap_or_else(|| "baseline".into());
+    format!(
+        "| {name} | {:.0} | {:.2} | {:.2} | {} | {ratio} |",
+        s.rate(),
+        s.p50_us as f64 / 1000.0,
+        s.p99_us as f64 / 1000.0,
+        s.errors
+    )
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_string() }
+}
+
+async fn import_vs_copy(customers: usize) -> (f64, f64) {
+    let (url, shutdown, pool) = start_profiles(true).await;
+    let mut client = clients(&url, 1).remove(0);
+    let generated: Vec<_> =
+        crm_datagen::Generator::new(crm_datagen::Config { customers, seed: 11, ..Default::default() })
+            .map(|g| g.customer)
+            .collect();
+
+    // Baseline: COPY of the same rows into a table shaped like profiles' customers.
+    sqlx::raw_sql("CREATE TABLE copy_baseline (LIKE customers INCLUDING ALL)")
+        .execute(&pool)
+        .await
+        .expect("baseline table");
+    let mut csv = String::with_capacity(customers * 120);
+    for (i, c) in generated.iter().enumerate() {
+        let id = format!("00000000-0000-4000-8000-{i:012}");
+        let b = c.birthday.unwrap_or_default();
+        let reg = c.registered_at.map(|t| t.seconds).unwrap_or(0);
+        csv.push_str(&format!(
+            "{id},1,{},{},{},{},{},{},{},{},{},{},{},{},\\x,1\n",
+            csv_field(&c.name),
+            c.phone,
+            c.email,
+            b.year,
+            b.month,
+            b.day,
+            c.gender,
+            c.region,
+            c.timezone,
+            c.preferred_channel,
+            rfc3339(reg),
+            csv_field(&format!("{{{}}}", c.tags.join(",")))
+        ));
+    }
+    let mut conn = pool.acquire().await.expect("conn");
+    let started = Instant::now();
+    let mut copy = conn
+        .copy_in_raw(
+            "COPY copy_baseline (customer_id, kind, name, phone, email, birth_year, birth_month, birth_day, gender, region, timezone, \
+             preferred_channel, registered_at, tags, attributes, version) FROM STDIN WITH (FORMAT csv)",
+        )
+        .await
+        .expect("copy");
+    copy.send(csv.as_bytes()).await.expect("copy data");
+    copy.finish().await.expect("copy finish");
+    let copy_rate = customers as f64 / started.elapsed().as_secs_f64();
+    drop(conn);
+
+    let rows: Vec<pb::ImportRecordsRequest> = generated
+        .into_iter()
+        .map(|c| pb::ImportRecordsRequest {
+            record: Some(pb::import_records_request::Record::Customer(c)),
+            customer_ref: None,
+        })
+        .collect();
+    let started = Instant::now();
+    let response = client.import_records(tokio_stream::iter(rows)).await.expect("import").into_inner();
+    let import_rate = response.customers_created as f64 / started.elapsed().as_secs_f64();
+    assert_eq!(
+        response.customers_created as usize,
+        customers,
+        "every generated customer was created: {:?}",
+        response.rejections.first()
+    );
+    shutdown.trigger();
+    (import_rate, copy_rate)
+}
+
+fn rfc3339(secs: i64) -> String {
+    chrono::DateTime::from_timestamp(secs, 0).map(|t| t.to_rfc3339()).unwrap_or_default()
+}
+
+#[tokio::main]
+async fn main() {
+    let mut customers = 1_000_000usize;
+    let mut seconds = 10u64;
+    let mut reads_only = false;
+    let mut import_only = false;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--customers" => customers = args.next().and_then(|v| v.parse().ok()).expect("--customers N"),
+            "--seconds" => seconds = args.next().and_then(|v| v.parse().ok()).expect("--seconds S"),
+            "--reads-only" => reads_only = true,
+            "--import-only" => import_only = true,
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    let duration = Duration::from_secs(seconds);
+    println!(
+        "# profiles benchmarks ({} cores, {customers} customers for import, {seconds} s per read run)\n",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+    );
+
+    if !import_only {
+        reads(duration).await;
+    }
+    if reads_only {
+        return;
+    }
+    let (import_rate, copy_rate) = import_vs_copy(customers).await;
+    println!("\n## Bulk import vs PostgreSQL COPY of the same {customers} customers\n");
+    println!("| run | customers/s | vs COPY |");
+    println!("|---|---|---|");
+    println!("| PostgreSQL COPY into a table shaped like customers (baseline) | {copy_rate:.0} | baseline |");
+    println!(
+        "| ImportRecords (validation, identity resolution, events) | {import_rate:.0} | {:.0} % |",
+        100.0 * import_rate / copy_rate
+    );
+}
+
+async fn reads(duration: Duration) {
+    let (url, shutdown, _) = start_profiles(true).await;
+    let (url_nocache, shutdown_nocache, _) = start_profiles(false).await;
+    let mut admin = clients(&url, 1).remove(0);
+    let ids = Arc::new(seed(&mut admin, 10_000).await);
+    let ids_nocache = Arc::new(seed(&mut clients(&url_nocache, 1).remove(0), 10_000).await);
+    let cached = Arc::new(clients(&url, 8));
+    let uncached = Arc::new(clients(&url_nocache, 8));
+    let get = |c: &Arc<Vec<Client>>, ids: &Arc<Vec<String>>, w: usize, i: usize| {
+        let mut client = c[w % c.len()].clone();
+        let id = ids[i % ids.len()].clone();
+        async move { client.get_customer(pb::GetCustomerRequest { customer_id: id, purpose: String::new() }).await.is_ok() }
+    };
+    // Warm the cache: every profile once.
+    for chunk in ids.chunks(500) {
+        futures_util::future::join_all(
+            chunk.iter().map(|id| {
+                let mut c = cached[0].clone();
+                let id = id.clone();
+                async move {
+                    c.get_customer(pb::GetCustomerRequest { customer_id: id, purpose: String::new() }).await.is_ok()
+                }
+            }),
+        )
+        .await;
+    }
+
+    let redis = redis::Client::open(crm_kit::testing::redis_url()).expect("redis");
+    let redis_conn = redis.get_multiplexed_async_connection().await.expect("redis");
+    let keys: Arc<Vec<String>> = Arc::new(ids.iter().map(|id| format!("crm:profiles:customer:{id}")).collect());
+    let redis_get = {
+        let keys = keys.clone();
+        move |_w: usize, i: usize| {
+            let mut conn = redis_conn.clone();
+            let key = keys[i % keys.len()].clone();
+            async move {
+                redis::cmd("GET").arg(key).query_async::<Option<Vec<u8>>>(&mut conn).await.is_ok_and(|v| v.is_some())
+            }
+        }
+    };
+    let baseline = closed_loop(64, duration, redis_get).await;
+    let (c2, i2) = (cached.clone(), ids.clone());
+    let hot = closed_loop(64, duration, move |w, i| get(&c2, &i2, w, i)).await;
+    let (c3, i3) = (uncached.clone(), ids_nocache.clone());
+    let cold = closed_loop(64, duration, move |w, i| get(&c3, &i3, w, i)).await;
+    let (c4, i4) = (cached.clone(), ids.clone());
+    let steady = open_loop(5000, duration, move |i| get(&c4, &i4, i, i)).await;
+
+    println!("## GetCustomer vs a bare Redis GET of the same key\n");
+    println!("| run | ops/s | p50 ms | p99 ms | errors | vs Redis GET |");
+    println!("|---|---|---|---|---|---|");
+    println!("{}", row("bare Redis GET, concurrency 64 (baseline)", &baseline, None));
+    println!("{}", row("GetCustomer, cached, concurrency 64", &hot, Some(&baseline)));
+    println!("{}", row("GetCustomer, cache off, concurrency 64", &cold, Some(&baseline)));
+    println!("{}", row("GetCustomer, cached, open loop 5 000/s", &steady, None));
+    shutdown.trigger();
+    shutdown_nocache.trigger();
+}
