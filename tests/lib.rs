@@ -40,7 +40,7 @@ impl ServiceProcess {
         assert!(status.success(), "building crm-{service}");
         let db = crm_kit::testing::test_database_url().await;
         let port = free_port();
-        let schema = crm_kit::testing::unique_name("e2e");
+        let schema = crm_kit::testing::schema_name();
         let secret = String::from_utf8_lossy(crm_kit::testing::TEST_JWT_SECRET).to_string();
         let mut cmd = Command::new(binary(&format!("crm-{service}")));
         cmd.env("DATABASE_URL", &db)

@@ -32,8 +32,20 @@ pub fn unique_name(prefix: &str) -> String {
     format!("{prefix}_{}", &id[..12])
 }
 
+/// A fresh schema name that records when it was made: `t<unix secs hex>_<random>`.
+pub fn schema_name() -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    format!("t{secs:08x}_{}", &id[..8])
+}
+
+/// Schemas of tests that ended long ago are dropped (once per test binary),
+/// so repeated runs on one machine do not pile them up.
+const SCHEMA_RETENTION: Duration = Duration::from_secs(3 * 3600);
+
 /// Ensures the `crm_test` database exists and returns its URL.
 pub async fn test_database_url() -> String {
+    static CLEANED: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
     let server = database_server_url();
     let url = format!("{server}/crm_test");
     if sqlx::PgConnection::connect(&url).await.is_err() {
@@ -43,7 +55,27 @@ pub async fn test_database_url() -> String {
         // Another test binary may create it concurrently; "already exists" is fine.
         let _ = sqlx::query("CREATE DATABASE crm_test").execute(&mut admin).await;
     }
+    CLEANED.get_or_init(|| drop_old_schemas(&url)).await;
     url
+}
+
+async fn drop_old_schemas(url: &str) {
+    let Ok(mut conn) = sqlx::PgConnection::connect(url).await else { return };
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let names: Vec<String> =
+        sqlx::query_scalar("SELECT nspname FROM pg_namespace WHERE nspname ~ '^t[0-9a-f]{8}_[0-9a-f]{8}$'")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap_or_default();
+    for name in names {
+        let made = u64::from_str_radix(&name[1..9], 16).unwrap_or(u64::MAX);
+        if now.saturating_sub(made) > SCHEMA_RETENTION.as_secs() && crate::config::is_identifier(&name) {
+            // Name checked to be a plain identifier just above.
+            let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP SCHEMA IF EXISTS \"{name}\" CASCADE")))
+                .execute(&mut conn)
+                .await;
+        }
+    }
 }
 
 /// A configuration for a service named `service` with its own fresh schema,
@@ -59,7 +91,7 @@ pub async fn config(service: &str) -> KitConfig {
         ("AUTH_MODE", "disabled"),
     ]);
     let mut cfg = KitConfig::load(service, 0, &env).expect("test configuration is valid");
-    cfg.database_schema = unique_name("t");
+    cfg.database_schema = schema_name();
     cfg.auth = AuthConfig::Jwt(JwtConfig {
         key: JwtKey::Secret(TEST_JWT_SECRET.to_vec()),
         issuer: "crm".into(),

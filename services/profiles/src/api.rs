@@ -110,6 +110,7 @@ impl ProfilesApi {
             return Ok(Some(c));
         }
         let mut conn = self.pg.acquire().await?;
+        self.cache.count_load();
         let Some(stored) = store::load(&mut conn, id).await? else { return Ok(None) };
         if let Some(target) = stored.merged_into {
             let live = store::resolve(&mut conn, target).await?.unwrap_or(target);

@@ -50,6 +50,7 @@ pub struct ProfileCache {
     redis: Option<Redis>,
     ttl: Duration,
     lookups: Family<Vec<(&'static str, String)>, Counter>,
+    loads: Counter,
     inflight: Arc<Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>>,
     unflushed: Arc<Mutex<HashSet<(Uuid, i64)>>>,
     fill: redis::Script,
@@ -81,10 +82,17 @@ impl ProfileCache {
             "Hot-profile cache lookups by result (hit, miss, error, bypass)",
             lookups.clone(),
         );
+        let loads = Counter::default();
+        metrics.register(
+            "profile_cache_loads",
+            "Profiles loaded from PostgreSQL after a cache miss (one per id at a time)",
+            loads.clone(),
+        );
         Self {
             redis,
             ttl,
             lookups,
+            loads,
             inflight: Arc::default(),
             unflushed: Arc::default(),
             fill: redis::Script::new(FILL),
@@ -133,6 +141,11 @@ impl ProfileCache {
         };
         let guard = gate.clone().lock_owned().await;
         SingleFlight { _guard: guard, id, map: self.inflight.clone(), gate }
+    }
+
+    /// Counts a load from PostgreSQL after a miss.
+    pub fn count_load(&self) {
+        self.loads.inc();
     }
 
     /// Stores a record read at `version`, unless a newer write fenced it off.

@@ -1036,3 +1036,216 @@ async fn prf5_contacts_feedback_and_tier_moves_from_other_services_join_the_time
         "the tier from segmentation is on the record (cache invalidated)"
     );
 }
+
+#[tokio::test]
+async fn prf1_organisations_get_their_size_class_and_persons_cannot_have_one() {
+    let app = common::start().await;
+    let mut admin = app.admin();
+    let org = pb::Customer {
+        kind: pb::CustomerKind::Organization as i32,
+        organization: Some(pb::Organization {
+            industry: "retail".into(),
+            size: 0,
+            annual_revenue: Some(Money { amount_minor: 250_000_000 * 100, currency: "CNY".into() }),
+        }),
+        ..person("Acme Trading Ltd", "+8613900000050", "buyer@acme.example.com")
+    };
+    let created = create(&mut admin, org).await;
+    assert_eq!(created.kind, pb::CustomerKind::Organization as i32);
+    assert_eq!(
+        created.organization.expect("org").size,
+        pb::OrganizationSize::Large as i32,
+        "PRF-1: >= 100 M CNY is large"
+    );
+    let bad = admin
+        .create_customer(pb::CreateCustomerRequest {
+            customer: Some(pb::Customer {
+                organization: Some(pb::Organization::default()),
+                ..person("Just A Person", "", "")
+            }),
+            request_id: "org-person".into(),
+        })
+        .await
+        .expect_err("a person with organisation details");
+    assert_eq!(bad_fields(&bad), ["customer.organization"]);
+}
+
+#[tokio::test]
+async fn prf8_export_returns_everything_unmasked_and_is_audited() {
+    let app = common::start().await;
+    let mut admin = app.admin();
+    let c = create(&mut admin, person("Export Me", "+8613900000051", "export@example.com")).await;
+    admin
+        .batch_record_transactions(pb::BatchRecordTransactionsRequest {
+            transactions: vec![pb::Transaction {
+                transaction_id: "tx-export".into(),
+                customer_id: c.customer_id.clone(),
+                kind: pb::TransactionKind::Purchase as i32,
+                amount: Some(Money { amount_minor: 4200, currency: "CNY".into() }),
+                occurred_at: ts(1_760_000_000),
+                ..Default::default()
+            }],
+            request_id: "t".into(),
+        })
+        .await
+        .expect("tx");
+    admin
+        .update_consent(pb::UpdateConsentRequest {
+            customer_id: c.customer_id.clone(),
+            changes: vec![pb::ConsentGrant {
+                channel: Channel::Email as i32,
+                purpose: Purpose::Marketing as i32,
+                granted: true,
+                ..Default::default()
+            }],
+            request_id: "c".into(),
+        })
+        .await
+        .expect("consent");
+    let export = admin
+        .export_customer_data(pb::ExportCustomerDataRequest {
+            customer_id: c.customer_id.clone(),
+            purpose: "access request #9".into(),
+        })
+        .await
+        .expect("export")
+        .into_inner();
+    let record = export.customer.expect("customer");
+    assert_eq!((record.phone.as_str(), record.masked), ("+8613900000051", false));
+    assert_eq!(export.transactions.len(), 1);
+    assert_eq!(export.consent_history.len(), 1);
+    assert_eq!(export.timeline.len(), 2, "purchase and consent change");
+    let audit = admin
+        .list_access_audit(pb::ListAccessAuditRequest { customer_id: c.customer_id.clone(), ..Default::default() })
+        .await
+        .expect("audit")
+        .into_inner();
+    assert_eq!(audit.entries[0].method, "/crm.profiles.v1.ProfilesService/ExportCustomerData");
+    let agent = app
+        .client(&[Role::Agent], true)
+        .export_customer_data(pb::ExportCustomerDataRequest { customer_id: c.customer_id, purpose: "x".into() })
+        .await;
+    assert_eq!(agent.expect_err("admins only").code(), Code::PermissionDenied);
+}
+
+#[tokio::test]
+async fn prf9_concurrent_misses_of_a_hot_profile_load_it_once_and_entries_expire() {
+    let app = common::start().await;
+    let mut admin = app.admin();
+    let c = create(&mut admin, person("Hot", "+8613900000052", "")).await;
+    let before = app.counter("crm_profile_cache_loads_total");
+    let reads = (0..50).map(|_| {
+        let mut r = app.admin();
+        let id = c.customer_id.clone();
+        async move {
+            r.get_customer(pb::GetCustomerRequest { customer_id: id, purpose: String::new() })
+                .await
+                .map(|r| r.into_inner().customer_id)
+        }
+    });
+    let results = futures_util::future::join_all(reads).await;
+    assert!(results.iter().all(|r| r.as_ref().is_ok_and(|id| *id == c.customer_id)));
+    assert_eq!(
+        app.counter("crm_profile_cache_loads_total") - before,
+        1.0,
+        "50 concurrent misses shared one database load"
+    );
+    let redis = redis::Client::open(crm_kit::testing::redis_url()).expect("redis");
+    let mut conn = redis.get_multiplexed_async_connection().await.expect("redis");
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(format!("crm:profiles:customer:{}", c.customer_id))
+        .query_async(&mut conn)
+        .await
+        .expect("pttl");
+    assert!(ttl > 0 && ttl <= 60_000, "cached entries carry the TTL: {ttl} ms");
+}
+
+#[tokio::test]
+async fn rel1_the_remaining_rpcs_name_bad_fields_too() {
+    let app = common::start().await;
+    let mut admin = app.admin();
+    let a = create(&mut admin, person("Valid", "+8613900000053", "")).await;
+    let before = (app.count("customers").await, app.count("kit_outbox").await, app.count("merges").await);
+    let err = admin
+        .merge_customers(pb::MergeCustomersRequest {
+            survivor_id: a.customer_id.clone(),
+            loser_id: "nope".into(),
+            reason: String::new(),
+            take_from_loser: Some(prost_types::FieldMask { paths: vec!["customer_id".into()] }),
+            request_id: "m".into(),
+        })
+        .await
+        .expect_err("merge");
+    assert_eq!(bad_fields(&err), ["loser_id", "reason", "take_from_loser"]);
+    let err = admin
+        .unmerge_customer(pb::UnmergeCustomerRequest {
+            merge_id: "x".into(),
+            reason: "r".into(),
+            request_id: "u".into(),
+        })
+        .await
+        .expect_err("unmerge");
+    assert_eq!(bad_fields(&err), ["merge_id"]);
+    let missing = admin
+        .unmerge_customer(pb::UnmergeCustomerRequest {
+            merge_id: "00000000-0000-0000-0000-000000000009".into(),
+            reason: "r".into(),
+            request_id: "u2".into(),
+        })
+        .await
+        .expect_err("unknown merge");
+    assert_eq!(missing.code(), Code::NotFound);
+    let err = admin
+        .batch_record_interactions(pb::BatchRecordInteractionsRequest { interactions: vec![], request_id: "i".into() })
+        .await
+        .expect_err("empty");
+    assert_eq!(bad_fields(&err), ["interactions"]);
+    let err = admin
+        .batch_get_customers(pb::BatchGetCustomersRequest { customer_ids: vec!["bad".into()], purpose: String::new() })
+        .await
+        .expect_err("batch get");
+    assert_eq!(bad_fields(&err), ["customer_ids[0]"]);
+    let err = admin
+        .resolve_customer(pb::ResolveCustomerRequest { identity: None, purpose: String::new() })
+        .await
+        .expect_err("resolve");
+    assert_eq!(bad_fields(&err), ["identity"]);
+    let err = admin
+        .resolve_customer(pb::ResolveCustomerRequest {
+            identity: Some(pb::resolve_customer_request::Identity::Email("nope".into())),
+            purpose: String::new(),
+        })
+        .await
+        .expect_err("resolve email");
+    assert_eq!(bad_fields(&err), ["email"]);
+    let err = admin
+        .list_access_audit(pb::ListAccessAuditRequest {
+            customer_id: "bad".into(),
+            page_token: "zz".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("audit");
+    assert_eq!(bad_fields(&err), ["customer_id", "page_token"]);
+    let err = admin
+        .list_consent_history(pb::ListConsentHistoryRequest {
+            customer_id: a.customer_id.clone(),
+            page_token: "zz".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("history");
+    assert_eq!(bad_fields(&err), ["page_token"]);
+    let err =
+        admin.get_erasure_status(pb::GetErasureStatusRequest { customer_id: String::new() }).await.expect_err("status");
+    assert_eq!(bad_fields(&err), ["customer_id"]);
+    let err = admin.get_consent(pb::GetConsentRequest { customer_id: "bad".into() }).await.expect_err("consent");
+    assert_eq!(bad_fields(&err), ["customer_id"]);
+    let err = admin
+        .list_suspected_duplicates(pb::ListSuspectedDuplicatesRequest { page_token: "zz".into(), ..Default::default() })
+        .await
+        .expect_err("dups");
+    assert_eq!(bad_fields(&err), ["page_token"]);
+    let after = (app.count("customers").await, app.count("kit_outbox").await, app.count("merges").await);
+    assert_eq!(before, after, "nothing stored changed");
+}

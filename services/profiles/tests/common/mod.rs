@@ -17,6 +17,7 @@ pub struct App {
     pub url: String,
     pub pool: PgPool,
     pub shutdown: Shutdown,
+    pub metrics: crm_kit::metrics::Metrics,
 }
 
 impl Drop for App {
@@ -68,10 +69,11 @@ async fn start_full(adjust: impl FnOnce(&mut crm_kit::config::KitConfig), consum
     let url = format!("http://{}", listener.local_addr().expect("addr"));
     let pool = kit.pg.clone();
     let shutdown = kit.shutdown_handle();
+    let metrics = kit.metrics.clone();
     let routes =
         tonic::service::Routes::new(crm_proto::profiles::v1::profiles_service_server::ProfilesServiceServer::new(api));
     tokio::spawn(kit.serve_on(listener, routes, crm_profiles::access_policy()));
-    App { url, pool, shutdown }
+    App { url, pool, shutdown, metrics }
 }
 
 impl App {
@@ -146,4 +148,17 @@ pub async fn publish(pool: &PgPool, prefix: &str, service: &str) {
         crm_kit::outbox::OutboxRelay::new(pool.clone(), redis, service, crm_kit::metrics::Metrics::new(service))
             .configured(&config, service);
     relay.publish_once().await.expect("publish");
+}
+
+impl App {
+    /// The value of a counter in the metrics exposition.
+    pub fn counter(&self, series: &str) -> f64 {
+        self.metrics
+            .render()
+            .lines()
+            .find(|l| l.starts_with(series))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
 }
