@@ -1,7 +1,8 @@
 //! PRF-4: ImportRecords, the client-streaming bulk import.
 //!
-//! Rows arrive as a stream and are handled in chunks of up to 2 000, each in
-//! one transaction: customers first (validated, identity-resolved against
+//! Rows arrive as a stream and are handled in chunks of up to 5 000, each in
+//! one transaction: customers first (under the exclusive identity lock, so
+//! single creates wait at most one chunk; validated, identity-resolved against
 //! the base and within the chunk, inserted with one statement, events
 //! written in bulk), then transactions and interactions (owners found by id
 //! or by external id, duplicates skipped by id). While a chunk is written the
@@ -24,7 +25,7 @@ use crate::api::ProfilesApi;
 use crate::domain::{customer as rules, records};
 use crate::store;
 
-const CHUNK: usize = 2000;
+const CHUNK: usize = 5000;
 const MAX_REJECTIONS: usize = 10_000;
 
 #[derive(Default)]
@@ -129,8 +130,9 @@ impl ProfilesApi {
         let now = Utc::now();
         let mut tx = self.pg.begin().await?;
         // Customers: identity resolution against the base and within the chunk (PRF-3).
-        let keys: Vec<String> = customers.iter().flat_map(|(_, c)| identity_keys(c)).collect();
-        store::lock_identities_bulk(&mut tx, &keys).await?;
+        if !customers.is_empty() {
+            store::lock_identities_bulk(&mut tx).await?;
+        }
         let phones: Vec<String> =
             customers.iter().filter(|(_, c)| !c.phone.is_empty()).map(|(_, c)| c.phone.clone()).collect();
         let emails: Vec<String> =

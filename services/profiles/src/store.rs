@@ -129,12 +129,21 @@ pub async fn resolve(conn: &mut PgConnection, id: Uuid) -> Result<Option<Uuid>, 
     Ok(found)
 }
 
-/// Serialises creates that share an identity (PRF-3): transaction-scoped
-/// advisory locks on each identity key, taken in a stable order.
+/// The lock every identity change holds: shared by single creates and
+/// updates, exclusive for a bulk import chunk (which would otherwise need
+/// thousands of per-key locks from PostgreSQL's shared lock table).
+const IDENTITY_LOCK: &str = "profiles:identity";
+
+/// Serialises creates that share an identity (PRF-3): the identity lock
+/// shared, then transaction-scoped advisory locks on each key, in a stable order.
 pub async fn lock_identities(conn: &mut PgConnection, keys: &[String]) -> Result<(), sqlx::Error> {
     let mut keys = keys.to_vec();
     keys.sort();
     keys.dedup();
+    sqlx::query("SELECT pg_advisory_xact_lock_shared(hashtextextended($1, 7))")
+        .bind(IDENTITY_LOCK)
+        .execute(&mut *conn)
+        .await?;
     for k in keys {
         sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 7))")
             .bind(format!("profiles:identity:{k}"))
@@ -788,18 +797,13 @@ pub async fn insert_customers(
     Ok(())
 }
 
-/// Takes the identity locks of many keys in one round trip, in a stable order.
-pub async fn lock_identities_bulk(conn: &mut PgConnection, keys: &[String]) -> Result<(), sqlx::Error> {
-    if keys.is_empty() {
-        return Ok(());
-    }
-    sqlx::query(
-        "SELECT pg_advisory_xact_lock(h) FROM (SELECT DISTINCT hashtextextended('profiles:identity:' || k, 7) AS h \
-         FROM UNNEST($1::text[]) AS k ORDER BY 1) s",
-    )
-    .bind(keys)
-    .execute(&mut *conn)
-    .await?;
+/// Takes the identity lock exclusively (bulk import): no single create or
+/// update of an identity runs meanwhile, and one lock slot suffices.
+pub async fn lock_identities_bulk(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 7))")
+        .bind(IDENTITY_LOCK)
+        .execute(&mut *conn)
+        .await?;
     Ok(())
 }
 

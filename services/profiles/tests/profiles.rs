@@ -1249,3 +1249,27 @@ async fn rel1_the_remaining_rpcs_name_bad_fields_too() {
     let after = (app.count("customers").await, app.count("kit_outbox").await, app.count("merges").await);
     assert_eq!(before, after, "nothing stored changed");
 }
+
+#[tokio::test]
+async fn prf3_concurrent_imports_of_the_same_customers_create_each_once() {
+    let app = common::start().await;
+    let generated: Vec<_> =
+        crm_datagen::Generator::new(crm_datagen::Config { customers: 2500, seed: 5, ..Default::default() }).collect();
+    let rows: Vec<pb::ImportRecordsRequest> = generated
+        .iter()
+        .map(|g| pb::ImportRecordsRequest {
+            record: Some(pb::import_records_request::Record::Customer(g.customer.clone())),
+            customer_ref: None,
+        })
+        .collect();
+    let imports = (0..3).map(|_| {
+        let mut c = app.admin();
+        let rows = rows.clone();
+        async move { c.import_records(tokio_stream::iter(rows)).await.map(|r| r.into_inner()) }
+    });
+    let results: Vec<_> =
+        futures_util::future::join_all(imports).await.into_iter().map(|r| r.expect("import")).collect();
+    assert_eq!(results.iter().map(|r| r.customers_created).sum::<i64>(), 2500);
+    assert_eq!(results.iter().map(|r| r.customers_matched).sum::<i64>(), 5000);
+    assert_eq!(app.count("customers").await, 2500);
+}
