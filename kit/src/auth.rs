@@ -409,6 +409,18 @@ pub struct TokenRequest {
     pub audience: String,
 }
 
+/// The HS256 secret from `JWT_SECRET` or the file named by `JWT_SECRET_FILE`
+/// (for the local tools that mint tokens).
+pub fn secret_from_env(env: &crate::config::Env) -> Result<Vec<u8>, String> {
+    match (env.raw("JWT_SECRET"), env.raw("JWT_SECRET_FILE")) {
+        (Some(s), _) => Ok(s.into_bytes()),
+        (None, Some(path)) => std::fs::read_to_string(&path)
+            .map(|s| s.trim().as_bytes().to_vec())
+            .map_err(|e| format!("JWT_SECRET_FILE={path}: {e}")),
+        (None, None) => Err("set JWT_SECRET or JWT_SECRET_FILE (make run uses .local/jwt-secret)".into()),
+    }
+}
+
 /// Mints an HS256 token (local use, tests, self-issued service tokens).
 pub fn mint(secret: &[u8], request: &TokenRequest) -> Result<String, jsonwebtoken::errors::Error> {
     let now = unix_now();

@@ -50,15 +50,7 @@ fn run(args: Vec<String>) -> Result<String, String> {
         roles.push(Role::Admin);
     }
     let env = Env::process();
-    let secret = match (env.raw("JWT_SECRET"), env.raw("JWT_SECRET_FILE")) {
-        (Some(s), _) => s.into_bytes(),
-        (None, Some(path)) => std::fs::read_to_string(&path)
-            .map_err(|e| format!("JWT_SECRET_FILE={path}: {e}"))?
-            .trim()
-            .as_bytes()
-            .to_vec(),
-        (None, None) => return Err("set JWT_SECRET or JWT_SECRET_FILE".into()),
-    };
+    let secret = crm_kit::auth::secret_from_env(&env)?;
     let request = TokenRequest {
         subject,
         roles,
