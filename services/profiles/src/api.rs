@@ -145,8 +145,18 @@ impl ProfilesApi {
         v.into_result()?;
 
         let mut tx = self.pg.begin().await?;
-        let fresh = match idempotency::claim(&mut tx, &format!("{SVC}CreateCustomer"), &req.request_id, &req).await? {
-            Claim::Replay(r) => return Ok(r),
+        let claimed: Claim<pb::CreateCustomerResponse> =
+            idempotency::claim(&mut tx, &format!("{SVC}CreateCustomer"), &req.request_id, &req).await?;
+        let fresh = match claimed {
+            Claim::Replay(mut r) => {
+                // Stored unmasked; each caller sees it through their own permissions (SEC-1).
+                drop(tx);
+                r.customer = match r.customer {
+                    Some(c) => Some(self.view(caller, c, "", "CreateCustomer").await?),
+                    None => None,
+                };
+                return Ok(r);
+            }
             Claim::Fresh(f) => f,
         };
         // PRF-3: serialise creates sharing an identity, then match before inserting.
@@ -836,6 +846,8 @@ impl ProfilesApi {
         let now = Utc::now();
         if first {
             store::erase(&mut tx, &ids, now).await?;
+            // Stored first responses of idempotent mutations may hold the record: they go too.
+            store::purge_idempotent_responses(&mut tx, &ids).await?;
             sqlx::query("INSERT INTO erasure_confirmations (customer_id, service) VALUES ($1, 'profiles') ON CONFLICT DO NOTHING")
                 .bind(id)
                 .execute(&mut *tx)

@@ -71,8 +71,16 @@ impl ProfilesApi {
         let (survivor, loser) = (survivor.unwrap_or_default(), loser.unwrap_or_default());
 
         let mut tx = self.pg.begin().await?;
-        let fresh = match idempotency::claim(&mut tx, &format!("{SVC}MergeCustomers"), &req.request_id, &req).await? {
-            Claim::Replay(r) => return Ok(r),
+        let claimed: Claim<pb::MergeCustomersResponse> =
+            idempotency::claim(&mut tx, &format!("{SVC}MergeCustomers"), &req.request_id, &req).await?;
+        let fresh = match claimed {
+            Claim::Replay(mut r) => {
+                drop(tx);
+                if let Some(c) = r.survivor.take() {
+                    r.survivor = Some(self.view(caller, c, "", "MergeCustomers").await?);
+                }
+                return Ok(r);
+            }
             Claim::Fresh(f) => f,
         };
         lock_pair(&mut tx, survivor, loser).await?;
@@ -214,8 +222,19 @@ impl ProfilesApi {
         let merge_id = merge_id.unwrap_or_default();
 
         let mut tx = self.pg.begin().await?;
-        let fresh = match idempotency::claim(&mut tx, &format!("{SVC}UnmergeCustomer"), &req.request_id, &req).await? {
-            Claim::Replay(r) => return Ok(r),
+        let claimed: Claim<pb::UnmergeCustomerResponse> =
+            idempotency::claim(&mut tx, &format!("{SVC}UnmergeCustomer"), &req.request_id, &req).await?;
+        let fresh = match claimed {
+            Claim::Replay(mut r) => {
+                drop(tx);
+                if let Some(c) = r.survivor.take() {
+                    r.survivor = Some(self.view(caller, c, "", "UnmergeCustomer").await?);
+                }
+                if let Some(c) = r.restored.take() {
+                    r.restored = Some(self.view(caller, c, "", "UnmergeCustomer").await?);
+                }
+                return Ok(r);
+            }
             Claim::Fresh(f) => f,
         };
         type MergeRow = (

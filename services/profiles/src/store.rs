@@ -673,6 +673,20 @@ pub async fn audit_entries(
         .collect()
 }
 
+/// PRF-8: deletes stored first responses of idempotent mutations that
+/// mention these customers (an encoded response holds the id verbatim).
+pub async fn purge_idempotent_responses(conn: &mut PgConnection, ids: &[Uuid]) -> Result<u64, sqlx::Error> {
+    let needles: Vec<String> = ids.iter().map(|id| id.to_string()).collect();
+    Ok(sqlx::query(
+        "DELETE FROM kit_idempotency k WHERE EXISTS \
+         (SELECT 1 FROM UNNEST($1::text[]) AS n WHERE position(convert_to(n, 'UTF8') IN k.response) > 0)",
+    )
+    .bind(&needles)
+    .execute(conn)
+    .await?
+    .rows_affected())
+}
+
 /// PRF-8: removes personal data of `ids` irreversibly; keeps the rows (and
 /// aggregates without identity: transactions) so history stays consistent.
 pub async fn erase(conn: &mut PgConnection, ids: &[Uuid], now: DateTime<Utc>) -> Result<(), sqlx::Error> {

@@ -35,6 +35,26 @@ async fn prf3_concurrent_creates_with_one_phone_give_one_customer() {
 }
 
 #[tokio::test]
+async fn sec1_a_replayed_create_is_masked_for_a_caller_without_pii_read() {
+    let app = common::start().await;
+    let request = pb::CreateCustomerRequest {
+        customer: Some(person("王小明", "+8613900000060", "wang@example.com")),
+        request_id: "replay-me".into(),
+    };
+    let mut service = app.client(&[Role::Service], true);
+    let first = service.create_customer(request.clone()).await.expect("create").into_inner();
+    let mut agent = app.client(&[Role::Agent], false);
+    let replay = agent.create_customer(request).await.expect("replay").into_inner();
+    assert_eq!(
+        replay.customer.as_ref().map(|c| c.customer_id.clone()),
+        first.customer.as_ref().map(|c| c.customer_id.clone())
+    );
+    let c = replay.customer.expect("customer");
+    assert!(c.masked);
+    assert_eq!(c.phone, "139****0060");
+}
+
+#[tokio::test]
 async fn prf3_a_create_matching_by_email_fills_empty_fields_without_duplicating() {
     let app = common::start().await;
     let mut admin = app.admin();
@@ -238,6 +258,14 @@ async fn prf8_erase_removes_personal_data_everywhere_in_profiles_and_is_idempote
     .await
     .expect("count");
     assert_eq!(leftovers, 0, "no personal data left in profiles' tables");
+    let stored_responses: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM kit_idempotency k, UNNEST(ARRAY['Erase Me', '+8613900000004', 'erase@example.com']) AS pii \
+         WHERE position(convert_to(pii, 'UTF8') IN k.response) > 0",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .expect("count");
+    assert_eq!(stored_responses, 0, "no stored idempotent response keeps personal data");
     let events: i64 =
         sqlx::query_scalar("SELECT count(*) FROM kit_outbox WHERE event_type = 'crm.profiles.v1.CustomerErased'")
             .fetch_one(&app.pool)
