@@ -163,7 +163,10 @@ impl Kit {
     }
 
     fn spawn_health_watcher(&mut self) {
-        let pg = self.pg.clone();
+        // Its own connection: a busy request pool must not read as "database down".
+        let mut probe_config = self.config.clone();
+        probe_config.database_max_connections = 1;
+        let pg = db::pg_pool(&probe_config).unwrap_or_else(|_| self.pg.clone());
         let health = self.health.clone();
         let metrics = self.metrics.clone();
         let names: Vec<&'static str> = self.spec.grpc_services.to_vec();
