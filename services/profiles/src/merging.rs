@@ -384,6 +384,7 @@ impl ProfilesApi {
             restored_id: loser.to_string(),
             merge_id: merge_id.to_string(),
             moved_transaction_ids: txs.clone(),
+            moved_interaction_ids: ints.clone(),
         };
         outbox::enqueue(
             &mut tx,

@@ -1301,3 +1301,46 @@ async fn prf3_concurrent_imports_of_the_same_customers_create_each_once() {
     assert_eq!(results.iter().map(|r| r.customers_matched).sum::<i64>(), 5000);
     assert_eq!(app.count("customers").await, 2500);
 }
+
+#[tokio::test]
+async fn prf9_when_redis_stops_reads_fall_back_and_when_it_returns_the_cache_resumes() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let spawn_redis = || {
+        std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server is installed")
+    };
+    let mut redis = spawn_redis();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let app = common::start_with(|c| c.redis_url = format!("redis://127.0.0.1:{port}")).await;
+    let mut admin = app.admin();
+    let c = create(&mut admin, person("Cached", "+8613900000070", "")).await;
+    let get = || pb::GetCustomerRequest { customer_id: c.customer_id.clone(), purpose: String::new() };
+    admin.get_customer(get()).await.expect("first read fills the cache");
+    admin.get_customer(get()).await.expect("second read");
+    let hits_before = app.counter("crm_profile_cache_lookups_total{service=\"profiles\",result=\"hit\"}");
+    assert!(hits_before >= 1.0, "the cache served a hit");
+
+    let _ = redis.kill();
+    let _ = redis.wait();
+    for _ in 0..5 {
+        let read = admin.get_customer(get()).await.expect("reads answer while Redis is stopped").into_inner();
+        assert_eq!(read.customer_id, c.customer_id);
+    }
+
+    let mut redis = spawn_redis();
+    let mut resumed = false;
+    for _ in 0..50 {
+        admin.get_customer(get()).await.expect("read");
+        if app.counter("crm_profile_cache_lookups_total{service=\"profiles\",result=\"hit\"}") > hits_before {
+            resumed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = redis.kill();
+    let _ = redis.wait();
+    assert!(resumed, "the cache serves hits again once Redis is back");
+}
