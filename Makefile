@@ -1,8 +1,8 @@
 # The retention platform. `make help` lists the targets.
 SHELL := /bin/bash
 CARGO ?= cargo
-# Every service crate under services/ (binary crm-<name>).
-SERVICES := $(notdir $(patsubst %/Cargo.toml,%,$(wildcard services/*/Cargo.toml)))
+# Every service with a binary under services/ (crm-<name>).
+SERVICES := $(notdir $(patsubst %/src/main.rs,%,$(wildcard services/*/src/main.rs)))
 
 .PHONY: help test lint fmt run stop logs token datagen bench backing-services clean-local
 

@@ -1,0 +1,287 @@
+//! Segmentation's read model, built only from profiles' events (SPEC 2,
+//! issue 4 deliverable 1): customers with the attributes segment rules use,
+//! their transactions, interactions and consent.
+//!
+//! - Idempotent: the kit's inbox applies each event once; rows are keyed by
+//!   their natural ids as well.
+//! - Order-tolerant: several replicas may apply one customer's events out of
+//!   order. Facts are attributed to the customer an id resolves to *now*
+//!   (after a merge, the survivor); profile attributes only move forward in
+//!   time (`profile_as_of`); a fact for a customer not seen yet creates it.
+//! - Merges move the loser's facts to the survivor; an unmerge moves back the
+//!   facts the event lists. An erasure removes the attributes that describe a
+//!   person and confirms with ErasureConfirmed (PRF-8); the facts, without
+//!   identity, stay for the aggregates.
+//! - Replaying the stream from the start into an empty model rebuilds the
+//!   same state ([`reset`]).
+
+use chrono::{DateTime, Utc};
+use crm_kit::consumer::{Event, EventHandler, HandlerError};
+use crm_kit::outbox::{self, Aggregate};
+use crm_proto::common::v1::ErasureConfirmed;
+use crm_proto::profiles::v1 as pb;
+use prost::Message;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::SERVICE;
+
+/// Applies profiles' events to the read model.
+#[derive(Debug, Clone, Default)]
+pub struct ReadModel;
+
+fn id(s: &str) -> Result<Uuid, HandlerError> {
+    Uuid::parse_str(s).map_err(|_| HandlerError::Permanent(format!("not a customer id: {s:?}")))
+}
+
+fn time(t: Option<&prost_types::Timestamp>) -> Option<DateTime<Utc>> {
+    t.and_then(|t| DateTime::from_timestamp(t.seconds, t.nanos.clamp(0, 999_999_999) as u32))
+}
+
+/// Makes sure a customer row exists (facts may arrive before CustomerCreated).
+async fn ensure(tx: &mut PgConnection, customer: Uuid) -> Result<(), sqlx::Error> {
+    sqlx::query("INSERT INTO customers (customer_id) VALUES ($1) ON CONFLICT DO NOTHING")
+        .bind(customer)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+/// The customer an id stands for now: itself, or the survivor of its merges.
+async fn live(tx: &mut PgConnection, customer: Uuid) -> Result<Uuid, sqlx::Error> {
+    ensure(tx, customer).await?;
+    let found: Option<Uuid> = sqlx::query_scalar(
+        "WITH RECURSIVE chain(id, next, depth) AS ( \
+             SELECT customer_id, merged_into, 0 FROM customers WHERE customer_id = $1 \
+             UNION ALL SELECT c.customer_id, c.merged_into, chain.depth + 1 FROM customers c JOIN chain ON c.customer_id = chain.next \
+             WHERE chain.depth < 32) \
+         SELECT id FROM chain WHERE next IS NULL LIMIT 1",
+    )
+    .bind(customer)
+    .fetch_optional(&mut *tx)
+    .await?;
+    Ok(found.unwrap_or(customer))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn apply_profile(
+    tx: &mut PgConnection,
+    customer: Uuid,
+    at: Option<DateTime<Utc>>,
+    kind: Option<i32>,
+    region: &str,
+    timezone: &str,
+    tags: &[String],
+    attributes: &std::collections::BTreeMap<String, pb::AttributeValue>,
+    preferred_channel: i32,
+    registered_at: Option<DateTime<Utc>>,
+    birthday: Option<&crm_proto::common::v1::Date>,
+) -> Result<(), sqlx::Error> {
+    ensure(tx, customer).await?;
+    let encoded = pb::Customer { attributes: attributes.clone(), ..Default::default() }.encode_to_vec();
+    sqlx::query(
+        "UPDATE customers SET kind = COALESCE($3, kind), region = $4, timezone = $5, tags = $6, attributes = $7, \
+         preferred_channel = $8, registered_at = COALESCE($9, registered_at), birth_month = $10, birth_day = $11, profile_as_of = $2 \
+         WHERE customer_id = $1 AND erased_at IS NULL AND (profile_as_of IS NULL OR $2::timestamptz IS NULL OR profile_as_of <= $2)",
+    )
+    .bind(customer)
+    .bind(at)
+    .bind(kind.map(|k| k as i16))
+    .bind(region)
+    .bind(timezone)
+    .bind(tags)
+    .bind(encoded)
+    .bind(preferred_channel as i16)
+    .bind(registered_at)
+    .bind(birthday.map(|d| d.month as i16))
+    .bind(birthday.map(|d| d.day as i16))
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+impl EventHandler for ReadModel {
+    async fn handle(&self, tx: &mut PgConnection, event: &Event) -> Result<(), HandlerError> {
+        let at = time(event.envelope.occurred_at.as_ref());
+        if let Some(at) = at {
+            sqlx::query(
+                "INSERT INTO freshness (singleton, newest_event_at) VALUES (true, $1) \
+                 ON CONFLICT (singleton) DO UPDATE SET newest_event_at = GREATEST(freshness.newest_event_at, $1)",
+            )
+            .bind(at)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if let Some(e) = event.payload::<pb::CustomerCreated>()? {
+            let c = id(&e.customer_id)?;
+            let registered = time(e.registered_at.as_ref());
+            apply_profile(
+                tx,
+                c,
+                at,
+                Some(e.kind),
+                &e.region,
+                &e.timezone,
+                &e.tags,
+                &e.attributes,
+                e.preferred_channel,
+                registered,
+                e.birthday.as_ref(),
+            )
+            .await?;
+        } else if let Some(e) = event.payload::<pb::CustomerUpdated>()? {
+            let c = id(&e.customer_id)?;
+            apply_profile(
+                tx,
+                c,
+                at,
+                None,
+                &e.region,
+                &e.timezone,
+                &e.tags,
+                &e.attributes,
+                e.preferred_channel,
+                None,
+                e.birthday.as_ref(),
+            )
+            .await?;
+        } else if let Some(e) = event.payload::<pb::TransactionRecorded>()? {
+            let Some(t) = e.transaction else {
+                return Err(HandlerError::Permanent("TransactionRecorded without a transaction".into()));
+            };
+            let owner = live(tx, id(&t.customer_id)?).await?;
+            let amount = t.amount.unwrap_or_default();
+            let occurred = time(t.occurred_at.as_ref())
+                .ok_or_else(|| HandlerError::Permanent("transaction without a time".into()))?;
+            sqlx::query(
+                "INSERT INTO transactions (transaction_id, customer_id, kind, amount_minor, currency, occurred_at, category) \
+                 VALUES ($1,$2,$3,$4,$5,$6,$7) ON CONFLICT (transaction_id) DO NOTHING",
+            )
+            .bind(&t.transaction_id)
+            .bind(owner)
+            .bind(t.kind as i16)
+            .bind(amount.amount_minor)
+            .bind(&amount.currency)
+            .bind(occurred)
+            .bind(&t.category)
+            .execute(&mut *tx)
+            .await?;
+        } else if let Some(e) = event.payload::<pb::InteractionRecorded>()? {
+            let Some(x) = e.interaction else {
+                return Err(HandlerError::Permanent("InteractionRecorded without an interaction".into()));
+            };
+            let owner = live(tx, id(&x.customer_id)?).await?;
+            let occurred = time(x.occurred_at.as_ref())
+                .ok_or_else(|| HandlerError::Permanent("interaction without a time".into()))?;
+            sqlx::query(
+                "INSERT INTO interactions (interaction_id, customer_id, kind, channel, direction, occurred_at) \
+                 VALUES ($1,$2,$3,$4,$5,$6) ON CONFLICT (interaction_id) DO NOTHING",
+            )
+            .bind(&x.interaction_id)
+            .bind(owner)
+            .bind(x.kind as i16)
+            .bind(x.channel as i16)
+            .bind(x.direction as i16)
+            .bind(occurred)
+            .execute(&mut *tx)
+            .await?;
+        } else if let Some(e) = event.payload::<pb::CustomerMerged>()? {
+            let (survivor, loser) = (id(&e.survivor_id)?, id(&e.loser_id)?);
+            ensure(tx, survivor).await?;
+            ensure(tx, loser).await?;
+            sqlx::query("UPDATE customers SET merged_into = $2 WHERE customer_id = $1")
+                .bind(loser)
+                .bind(survivor)
+                .execute(&mut *tx)
+                .await?;
+            for table in ["transactions", "interactions"] {
+                // Table names are constants of this module.
+                let sql = format!("UPDATE {table} SET customer_id = $2 WHERE customer_id = $1");
+                sqlx::query(sqlx::AssertSqlSafe(sql)).bind(loser).bind(survivor).execute(&mut *tx).await?;
+            }
+            sqlx::query(
+                "INSERT INTO consents (customer_id, channel, purpose, granted, expires_at) \
+                 SELECT $2, channel, purpose, granted, expires_at FROM consents WHERE customer_id = $1 ON CONFLICT DO NOTHING",
+            )
+            .bind(loser)
+            .bind(survivor)
+            .execute(&mut *tx)
+            .await?;
+        } else if let Some(e) = event.payload::<pb::CustomerUnmerged>()? {
+            let (survivor, restored) = (id(&e.survivor_id)?, id(&e.restored_id)?);
+            ensure(tx, restored).await?;
+            sqlx::query("UPDATE customers SET merged_into = NULL WHERE customer_id = $1")
+                .bind(restored)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("UPDATE transactions SET customer_id = $2 WHERE customer_id = $1 AND transaction_id = ANY($3)")
+                .bind(survivor)
+                .bind(restored)
+                .bind(&e.moved_transaction_ids)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("UPDATE interactions SET customer_id = $2 WHERE customer_id = $1 AND interaction_id = ANY($3)")
+                .bind(survivor)
+                .bind(restored)
+                .bind(&e.moved_interaction_ids)
+                .execute(&mut *tx)
+                .await?;
+        } else if let Some(e) = event.payload::<pb::ConsentChanged>()? {
+            let owner = live(tx, id(&e.customer_id)?).await?;
+            for g in &e.grants {
+                sqlx::query(
+                    "INSERT INTO consents (customer_id, channel, purpose, granted, expires_at) VALUES ($1,$2,$3,$4,$5) \
+                     ON CONFLICT (customer_id, channel, purpose) DO UPDATE SET granted = $4, expires_at = $5",
+                )
+                .bind(owner)
+                .bind(g.channel as i16)
+                .bind(g.purpose as i16)
+                .bind(g.granted)
+                .bind(time(g.expire_time.as_ref()))
+                .execute(&mut *tx)
+                .await?;
+            }
+        } else if let Some(e) = event.payload::<pb::CustomerErased>()? {
+            let c = id(&e.customer_id)?;
+            let mut ids = vec![c];
+            for a in &e.alias_ids {
+                ids.push(id(a)?);
+            }
+            for x in &ids {
+                ensure(tx, *x).await?;
+            }
+            // PRF-8: what describes the person goes; identity-free facts stay for aggregates.
+            sqlx::query(
+                "UPDATE customers SET region = '', timezone = '', tags = '{}', attributes = '', birth_month = NULL, birth_day = NULL, \
+                 erased_at = COALESCE(erased_at, $2, now()) WHERE customer_id = ANY($1)",
+            )
+            .bind(&ids)
+            .bind(at)
+            .execute(&mut *tx)
+            .await?;
+            let confirmed = ErasureConfirmed {
+                customer_id: e.customer_id.clone(),
+                service: SERVICE.to_string(),
+                erase_time: Some(prost_types::Timestamp::from(std::time::SystemTime::now())),
+            };
+            outbox::enqueue(
+                tx,
+                SERVICE,
+                Aggregate { kind: "customer", id: &e.customer_id },
+                &event.envelope.request_id,
+                &confirmed,
+            )
+            .await
+            .map_err(|e| HandlerError::Transient(e.to_string()))?;
+        }
+        Ok(())
+    }
+}
+
+/// Empties the read model and the consumer's inbox, so that replaying the
+/// stream from its start rebuilds it (SEG-7 full rebuild).
+pub async fn reset(tx: &mut PgConnection, group: &str) -> Result<(), sqlx::Error> {
+    sqlx::raw_sql("TRUNCATE customers, transactions, interactions, consents, freshness").execute(&mut *tx).await?;
+    sqlx::query("DELETE FROM kit_inbox WHERE consumer = $1").bind(group).execute(&mut *tx).await?;
+    Ok(())
+}
