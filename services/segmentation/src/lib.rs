@@ -2,6 +2,7 @@
 //! (SPEC 4.2). This first part is the read model built from profiles'
 //! events ([`read_model`]); scores, tiers, segments and the gRPC API build on it.
 
+pub mod domain;
 pub mod read_model;
 
 use crm_kit::ServiceSpec;
