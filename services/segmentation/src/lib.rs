@@ -4,6 +4,7 @@
 
 pub mod domain;
 pub mod read_model;
+pub mod recompute;
 
 use crm_kit::ServiceSpec;
 

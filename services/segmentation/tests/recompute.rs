@@ -1,0 +1,138 @@
+//! SEG-7: the set-based recompute over a generated base (DX-4), against real PostgreSQL.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use crm_datagen::{Archetype, Config, Generator};
+use crm_kit::testing;
+use crm_proto::common::v1::{LifecycleStage, Tier};
+use crm_proto::segmentation::v1 as pb;
+use crm_segmentation::domain::Thresholds;
+use crm_segmentation::recompute;
+use prost::Message;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+fn time(t: &Option<prost_types::Timestamp>) -> DateTime<Utc> {
+    t.as_ref().and_then(|t| DateTime::from_timestamp(t.seconds, 0)).expect("time")
+}
+
+/// Loads a generated base straight into the read model (its input).
+async fn load(pool: &PgPool, customers: usize) -> (HashMap<Uuid, Archetype>, DateTime<Utc>) {
+    let config = Config { customers, seed: 9, ..Default::default() };
+    let horizon = config.horizon;
+    let mut archetypes = HashMap::new();
+    let (mut ids, mut regs) = (vec![], vec![]);
+    let (mut t_ids, mut t_owner, mut t_kind, mut t_amount, mut t_at) = (vec![], vec![], vec![], vec![], vec![]);
+    let (mut i_ids, mut i_owner, mut i_kind, mut i_at) = (vec![], vec![], vec![], vec![]);
+    for g in Generator::new(config) {
+        let id = Uuid::from_u128(g.index as u128 + 1);
+        archetypes.insert(id, g.archetype);
+        ids.push(id);
+        regs.push(time(&g.customer.registered_at));
+        for t in &g.transactions {
+            t_ids.push(t.transaction_id.clone());
+            t_owner.push(id);
+            t_kind.push(t.kind as i16);
+            t_amount.push(t.amount.as_ref().map(|m| m.amount_minor).unwrap_or(0));
+            t_at.push(time(&t.occurred_at));
+        }
+        for x in &g.interactions {
+            i_ids.push(x.interaction_id.clone());
+            i_owner.push(id);
+            i_kind.push(x.kind as i16);
+            i_at.push(time(&x.occurred_at));
+        }
+    }
+    sqlx::query(
+        "INSERT INTO customers (customer_id, registered_at) SELECT * FROM UNNEST($1::uuid[], $2::timestamptz[])",
+    )
+    .bind(&ids)
+    .bind(&regs)
+    .execute(pool)
+    .await
+    .expect("customers");
+    sqlx::query(
+        "INSERT INTO transactions (transaction_id, customer_id, kind, amount_minor, currency, occurred_at) \
+         SELECT i, c, k, a, 'CNY', t FROM UNNEST($1::text[], $2::uuid[], $3::int2[], $4::int8[], $5::timestamptz[]) AS x(i, c, k, a, t)",
+    )
+    .bind(&t_ids)
+    .bind(&t_owner)
+    .bind(&t_kind)
+    .bind(&t_amount)
+    .bind(&t_at)
+    .execute(pool)
+    .await
+    .expect("transactions");
+    sqlx::query(
+        "INSERT INTO interactions (interaction_id, customer_id, kind, channel, direction, occurred_at) \
+         SELECT i, c, k, 0, 1, t FROM UNNEST($1::text[], $2::uuid[], $3::int2[], $4::timestamptz[]) AS x(i, c, k, t)",
+    )
+    .bind(&i_ids)
+    .bind(&i_owner)
+    .bind(&i_kind)
+    .bind(&i_at)
+    .execute(pool)
+    .await
+    .expect("interactions");
+    (archetypes, horizon)
+}
+
+#[tokio::test]
+async fn a_recompute_scores_every_customer_plausibly_and_a_second_run_changes_nothing() {
+    let config = testing::config("segmentation").await;
+    let pool = crm_kit::db::pg_pool(&config).expect("pool");
+    crm_kit::db::migrate(&pool, &config.database_schema, crm_segmentation::SPEC.migrator).await.expect("migrate");
+    let (archetypes, now) = load(&pool, 5000).await;
+    let thresholds = Thresholds::default();
+
+    let first = recompute::run(&pool, &thresholds, now).await.expect("recompute");
+    assert_eq!(first.customers, 5000);
+    assert_eq!(first.tier_moves, 5000, "the first assessment assigns everyone a tier");
+
+    let rows: Vec<(Uuid, i16, i16, i16, Vec<u8>)> =
+        sqlx::query_as("SELECT customer_id, tier, lifecycle_stage, churn_level, churn_risk FROM customer_scores")
+            .fetch_all(&pool)
+            .await
+            .expect("scores");
+    let mut tiers: HashMap<i16, usize> = HashMap::new();
+    for (id, tier, stage, _level, risk) in &rows {
+        *tiers.entry(*tier).or_default() += 1;
+        let archetype = archetypes[id];
+        let stage = LifecycleStage::try_from(*stage as i32).expect("stage");
+        match archetype {
+            Archetype::Silent => {
+                assert_eq!(stage, LifecycleStage::Prospect, "{id}");
+                assert_eq!(*tier, Tier::Dormant as i16, "never active is dormant: {id}");
+            }
+            Archetype::Churning => {
+                assert!(
+                    matches!(stage, LifecycleStage::Sleeping | LifecycleStage::Churned),
+                    "churner {id} is {stage:?}"
+                );
+                let risk = pb::ChurnRisk::decode(risk.as_slice()).expect("risk");
+                assert!(risk.reasons.iter().all(|r| !r.explanation.is_empty()));
+            }
+            Archetype::New => {
+                assert!(matches!(stage, LifecycleStage::New | LifecycleStage::Active), "new {id} is {stage:?}")
+            }
+            _ => {}
+        }
+    }
+    let count = |t: Tier| tiers.get(&(t as i16)).copied().unwrap_or(0);
+    let buyers = archetypes.values().filter(|a| **a != Archetype::Silent).count();
+    assert!(count(Tier::Diamond) >= buyers * 4 / 100, "about the top 5 % are diamonds: {tiers:?}");
+    assert!(count(Tier::Gold) > count(Tier::Diamond), "{tiers:?}");
+    assert!(count(Tier::Dormant) >= archetypes.values().filter(|a| **a == Archetype::Silent).count());
+
+    let moves: i64 = sqlx::query_scalar("SELECT count(*) FROM tier_moves").fetch_one(&pool).await.expect("moves");
+    let events: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM kit_outbox WHERE event_type = 'crm.segmentation.v1.TierChanged'")
+            .fetch_one(&pool)
+            .await
+            .expect("events");
+    assert_eq!((moves, events), (5000, 5000), "every move recorded and emitted");
+
+    let second = recompute::run(&pool, &thresholds, now).await.expect("again");
+    assert_eq!((second.customers, second.tier_moves, second.churn_changes), (5000, 0, 0), "nothing new, nothing moves");
+}
