@@ -4,7 +4,7 @@ CARGO ?= cargo
 # Every service with a binary under services/ (crm-<name>).
 SERVICES := $(notdir $(patsubst %/src/main.rs,%,$(wildcard services/*/src/main.rs)))
 
-.PHONY: help test lint fmt run stop logs token datagen bench backing-services clean-local
+.PHONY: help test lint fmt run stop logs token datagen bench bench-segmentation backing-services clean-local
 
 help:
 	@echo "make test      run every test (starts PostgreSQL and Redis if needed)"
@@ -15,6 +15,7 @@ help:
 	@echo "make token     print an admin token (with pii:read) for grpcurl"
 	@echo "make datagen   write generated CSV data to target/data (CUSTOMERS=, SEED=)"
 	@echo "make bench     benchmarks against raw baselines in the same run (not part of make test; BENCHMARKS.md)"
+	@echo "make bench-segmentation  segmentation recompute vs the bare aggregate query (BENCH_RECOMPUTE_CUSTOMERS=)"
 
 backing-services:
 	@bash scripts/ensure-backing-services.sh
@@ -52,3 +53,8 @@ clean-local: stop
 bench: backing-services
 	$(CARGO) build --release --locked -q -p crm-bench
 	RUST_LOG=warn ./target/release/crm-bench --customers $${BENCH_CUSTOMERS:-1000000} --seconds $${BENCH_SECONDS:-10} | tee target/bench-latest.md
+
+# Issue 4: full segmentation recompute vs the bare aggregate query (the floor), same run.
+bench-segmentation: backing-services
+	$(CARGO) build --release --locked -q -p crm-bench
+	RUST_LOG=warn ./target/release/crm-bench --recompute $${BENCH_RECOMPUTE_CUSTOMERS:-1000000} | tee target/bench-segmentation-latest.md
