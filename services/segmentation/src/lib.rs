@@ -5,6 +5,7 @@
 pub mod domain;
 pub mod read_model;
 pub mod recompute;
+pub mod segments;
 
 use crm_kit::ServiceSpec;
 

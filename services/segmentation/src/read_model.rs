@@ -20,11 +20,36 @@ use crm_kit::consumer::{Event, EventHandler, HandlerError};
 use crm_kit::outbox::{self, Aggregate};
 use crm_proto::common::v1::ErasureConfirmed;
 use crm_proto::profiles::v1 as pb;
-use prost::Message;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::SERVICE;
+
+/// Custom attributes as a JSON object, so segment rules can filter on them
+/// (numbers stay numbers; times become RFC 3339 text).
+pub fn attributes_json(attributes: &std::collections::BTreeMap<String, pb::AttributeValue>) -> serde_json::Value {
+    use pb::attribute_value::Kind;
+    use serde_json::Value;
+    let map = attributes
+        .iter()
+        .map(|(k, v)| {
+            let value = match &v.kind {
+                Some(Kind::StringValue(s)) => Value::from(s.as_str()),
+                Some(Kind::IntValue(n)) => Value::from(*n),
+                Some(Kind::DoubleValue(d)) => {
+                    serde_json::Number::from_f64(*d).map(Value::Number).unwrap_or(Value::Null)
+                }
+                Some(Kind::BoolValue(b)) => Value::from(*b),
+                Some(Kind::TimeValue(t)) => DateTime::from_timestamp(t.seconds, t.nanos.clamp(0, 999_999_999) as u32)
+                    .map(|d| Value::from(d.to_rfc3339()))
+                    .unwrap_or(Value::Null),
+                None => Value::Null,
+            };
+            (k.clone(), value)
+        })
+        .collect();
+    Value::Object(map)
+}
 
 /// Applies profiles' events to the read model.
 #[derive(Debug, Clone, Default)]
@@ -78,7 +103,7 @@ async fn apply_profile(
     birthday: Option<&crm_proto::common::v1::Date>,
 ) -> Result<(), sqlx::Error> {
     ensure(tx, customer).await?;
-    let encoded = pb::Customer { attributes: attributes.clone(), ..Default::default() }.encode_to_vec();
+    let encoded = attributes_json(attributes);
     sqlx::query(
         "UPDATE customers SET kind = COALESCE($3, kind), region = $4, timezone = $5, tags = $6, attributes = $7, \
          preferred_channel = $8, registered_at = COALESCE($9, registered_at), birth_month = $10, birth_day = $11, profile_as_of = $2 \
@@ -252,7 +277,7 @@ impl EventHandler for ReadModel {
             }
             // PRF-8: what describes the person goes; identity-free facts stay for aggregates.
             sqlx::query(
-                "UPDATE customers SET region = '', timezone = '', tags = '{}', attributes = '', birth_month = NULL, birth_day = NULL, \
+                "UPDATE customers SET region = '', timezone = '', tags = '{}', attributes = '{}', birth_month = NULL, birth_day = NULL, \
                  erased_at = COALESCE(erased_at, $2, now()) WHERE customer_id = ANY($1)",
             )
             .bind(&ids)

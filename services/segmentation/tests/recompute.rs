@@ -136,3 +136,87 @@ async fn a_recompute_scores_every_customer_plausibly_and_a_second_run_changes_no
     let second = recompute::run(&pool, &thresholds, now).await.expect("again");
     assert_eq!((second.customers, second.tier_moves, second.churn_changes), (5000, 0, 0), "nothing new, nothing moves");
 }
+
+fn cond(field: &str, op: pb::Operator, values: &[&str]) -> pb::RuleNode {
+    pb::RuleNode {
+        node: Some(pb::rule_node::Node::Condition(pb::Condition {
+            field: field.into(),
+            op: op as i32,
+            values: values.iter().map(|v| v.to_string()).collect(),
+        })),
+    }
+}
+
+#[tokio::test]
+async fn seg6_compiled_rules_of_every_kind_run_and_select_the_right_customers() {
+    use crm_segmentation::domain::rules;
+    use crm_segmentation::segments;
+    let config = testing::config("segmentation").await;
+    let pool = crm_kit::db::pg_pool(&config).expect("pool");
+    crm_kit::db::migrate(&pool, &config.database_schema, crm_segmentation::SPEC.migrator).await.expect("migrate");
+    let (_, now) = load(&pool, 2000).await;
+    // Attributes the rules can use.
+    sqlx::query(
+        "UPDATE customers SET region = CASE WHEN (hashtext(customer_id::text) % 2) = 0 THEN 'CN-SH' ELSE 'CN-BJ' END, \
+         tags = CASE WHEN (hashtext(customer_id::text) % 3) = 0 THEN ARRAY['vip', 'newsletter'] ELSE ARRAY['newsletter'] END, \
+         attributes = jsonb_build_object('points', (abs(hashtext(customer_id::text)) % 1000))",
+    )
+    .execute(&pool)
+    .await
+    .expect("attributes");
+    recompute::run(&pool, &Thresholds::default(), now).await.expect("recompute");
+    let mut conn = pool.acquire().await.expect("conn");
+    let direct = |sql: &str| {
+        let pool = pool.clone();
+        let sql = sql.to_string();
+        async move { sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql)).fetch_one(&pool).await.expect("direct") }
+    };
+    use pb::Operator::*;
+    let cases: Vec<(pb::RuleNode, String)> = vec![
+        (
+            cond("tier", In, &["TIER_GOLD", "TIER_DIAMOND"]),
+            format!(
+                "SELECT count(*) FROM customer_scores WHERE tier IN ({}, {})",
+                Tier::Gold as i32,
+                Tier::Diamond as i32
+            ),
+        ),
+        (
+            cond("days_since_last_purchase", Gt, &["90"]),
+            "SELECT count(*) FROM customer_scores WHERE recency_days > 90".into(),
+        ),
+        (cond("rfm.monetary_score", Ge, &["4"]), "SELECT count(*) FROM customer_scores WHERE m_score >= 4".into()),
+        (
+            cond("lifecycle_stage", Eq, &["LIFECYCLE_STAGE_CHURNED"]),
+            format!("SELECT count(*) FROM customer_scores WHERE lifecycle_stage = {}", LifecycleStage::Churned as i32),
+        ),
+        (cond("tags", Contains, &["vip"]), "SELECT count(*) FROM customers WHERE tags @> ARRAY['vip']".into()),
+        (cond("region", Eq, &["CN-SH"]), "SELECT count(*) FROM customers WHERE region = 'CN-SH'".into()),
+        (
+            cond("attributes.points", Ge, &["500"]),
+            "SELECT count(*) FROM customers WHERE (attributes ->> 'points')::int >= 500".into(),
+        ),
+        (
+            pb::RuleNode {
+                node: Some(pb::rule_node::Node::All(pb::RuleList {
+                    nodes: vec![
+                        cond("region", Eq, &["CN-SH"]),
+                        pb::RuleNode {
+                            node: Some(pb::rule_node::Node::Not(Box::new(cond("tags", Contains, &["vip"])))),
+                        },
+                    ],
+                })),
+            },
+            "SELECT count(*) FROM customers WHERE region = 'CN-SH' AND NOT tags @> ARRAY['vip']".into(),
+        ),
+    ];
+    for (rule, check) in cases {
+        let compiled = rules::compile(Some(&rule), "rule", 1).expect("valid rule");
+        let got = segments::count(&mut conn, &compiled).await.expect("runs");
+        let want = direct(&check).await;
+        assert_eq!(got, want, "{}", compiled.predicate);
+        assert!(want > 0, "the case selects someone: {check}");
+        let sample = segments::sample(&mut conn, &compiled, 5).await.expect("sample");
+        assert_eq!(sample.len() as i64, want.min(5));
+    }
+}

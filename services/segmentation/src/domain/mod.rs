@@ -7,6 +7,7 @@ pub mod churn;
 pub mod grid;
 pub mod lifecycle;
 pub mod rfm;
+pub mod rules;
 pub mod tiers;
 
 /// Every configurable threshold, with the SPEC's defaults.
