@@ -220,3 +220,70 @@ async fn seg6_compiled_rules_of_every_kind_run_and_select_the_right_customers() 
         assert_eq!(sample.len() as i64, want.min(5));
     }
 }
+
+#[tokio::test]
+async fn seg6_saved_segments_keep_their_membership_and_its_history() {
+    use crm_segmentation::segments::{self, SaveError};
+    let config = testing::config("segmentation").await;
+    let pool = crm_kit::db::pg_pool(&config).expect("pool");
+    crm_kit::db::migrate(&pool, &config.database_schema, crm_segmentation::SPEC.migrator).await.expect("migrate");
+    let (_, now) = load(&pool, 2000).await;
+    recompute::run(&pool, &Thresholds::default(), now).await.expect("recompute");
+    let mut conn = pool.acquire().await.expect("conn");
+
+    let lapsing = cond("days_since_last_purchase", pb::Operator::Gt, &["60"]);
+    let id = segments::create(&mut conn, "Lapsing buyers", "no purchase for two months", &lapsing)
+        .await
+        .map_err(|_| "create")
+        .expect("saved");
+    match segments::create(&mut conn, "lapsing BUYERS", "", &lapsing).await {
+        Err(SaveError::NameTaken) => {}
+        other => panic!("a second segment with the same name must be refused: {other:?}"),
+    }
+    match segments::create(&mut conn, "", "", &cond("colour", pb::Operator::Eq, &["red"])).await {
+        Err(SaveError::Invalid(v)) => {
+            let fields: Vec<_> = v.iter().map(|x| x.field.clone()).collect();
+            assert_eq!(fields, ["segment.display_name", "segment.rule.condition.field"]);
+        }
+        other => panic!("invalid segments are refused: {other:?}"),
+    }
+
+    let first = segments::refresh(&mut conn, now).await.expect("refresh");
+    let joined = first.iter().find(|(s, _)| *s == id).map(|(_, c)| c.joined.len()).unwrap_or(0);
+    let expected: i64 = sqlx::query_scalar("SELECT count(*) FROM customer_scores WHERE recency_days > 60")
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+    assert_eq!(joined as i64, expected);
+    assert!(segments::refresh(&mut conn, now).await.expect("again").is_empty(), "nothing changed, nothing recorded");
+
+    // Two months later more customers have lapsed; recent buyers of the past who bought again would leave.
+    let later = now + chrono::Duration::days(61);
+    recompute::run(&pool, &Thresholds::default(), later).await.expect("recompute later");
+    let second = segments::refresh(&mut conn, later).await.expect("refresh later");
+    let changes = &second.iter().find(|(s, _)| *s == id).expect("changes").1;
+    assert!(!changes.joined.is_empty(), "more customers lapsed");
+    let members: i64 = sqlx::query_scalar("SELECT count(*) FROM segment_members WHERE segment_id = $1")
+        .bind(id)
+        .fetch_one(&pool)
+        .await
+        .expect("members");
+    let expected: i64 = sqlx::query_scalar("SELECT count(*) FROM customer_scores WHERE recency_days > 60")
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+    assert_eq!(members, expected, "membership equals the rule's selection");
+    let history: i64 = sqlx::query_scalar("SELECT count(*) FROM segment_history WHERE segment_id = $1")
+        .bind(id)
+        .fetch_one(&pool)
+        .await
+        .expect("history");
+    let events: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM kit_outbox WHERE event_type = 'crm.segmentation.v1.SegmentMembershipChanged'",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("events");
+    assert_eq!(history, (joined + changes.joined.len() + changes.left.len()) as i64);
+    assert_eq!(events, history, "every join and leave is emitted");
+}
