@@ -28,6 +28,8 @@ pub struct ServiceProcess {
     pub url: String,
     /// Schema it owns.
     pub schema: String,
+    /// Its event stream prefix (`EVENT_STREAM_PREFIX`): tests never publish into a shared stream.
+    pub prefix: String,
 }
 
 impl ServiceProcess {
@@ -41,10 +43,12 @@ impl ServiceProcess {
         let db = crm_kit::testing::test_database_url().await;
         let port = free_port();
         let schema = crm_kit::testing::schema_name();
+        let prefix = crm_kit::testing::unique_name("e2e");
         let secret = String::from_utf8_lossy(crm_kit::testing::TEST_JWT_SECRET).to_string();
         let mut cmd = Command::new(binary(&format!("crm-{service}")));
         cmd.env("DATABASE_URL", &db)
             .env("DATABASE_SCHEMA", &schema)
+            .env("EVENT_STREAM_PREFIX", &prefix)
             .env("REDIS_URL", crm_kit::testing::redis_url())
             .env("GRPC_LISTEN_ADDR", format!("127.0.0.1:{port}"))
             .env("METRICS_LISTEN_ADDR", format!("127.0.0.1:{}", free_port()))
@@ -58,7 +62,7 @@ impl ServiceProcess {
             cmd.env(k, v);
         }
         let child = cmd.spawn().expect("start service");
-        let process = ServiceProcess { child, url: format!("http://127.0.0.1:{port}"), schema };
+        let process = ServiceProcess { child, url: format!("http://127.0.0.1:{port}"), schema, prefix };
         process.wait_serving(service).await;
         process
     }
@@ -82,8 +86,22 @@ impl ServiceProcess {
     }
 
     /// Sends SIGTERM and waits (without blocking the runtime, so this
-    /// process's client connections can see the server go away) for the exit status.
+    /// process's client connections can see the server go away) for the exit
+    /// status; then deletes the event streams of its prefix.
     pub async fn terminate(&mut self) -> Option<i32> {
+        let code = self.stop().await;
+        if let Ok(client) = redis::Client::open(crm_kit::testing::redis_url())
+            && let Ok(mut conn) = client.get_multiplexed_async_connection().await
+        {
+            for service in ["profiles", "segmentation", "outreach", "feedback", "analytics"] {
+                let stream = crm_kit::outbox::stream_name(&self.prefix, service);
+                let _: Result<(), _> = redis::cmd("DEL").arg(stream).query_async(&mut conn).await;
+            }
+        }
+        code
+    }
+
+    async fn stop(&mut self) -> Option<i32> {
         let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         while tokio::time::Instant::now() < deadline {

@@ -35,21 +35,10 @@ impl EventHandler for Seen {
 #[tokio::test]
 async fn a_trace_crosses_the_profiles_process_and_the_event_bus() {
     let exporter = testing::telemetry();
-    // Start reading the stream from now on, before the service publishes.
-    let group = testing::unique_name("e2e_reader");
-    let redis = redis::Client::open(testing::redis_url()).expect("redis url");
-    let mut conn = redis.get_multiplexed_async_connection().await.expect("redis");
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg("crm.profiles.events")
-        .arg(&group)
-        .arg("$")
-        .arg("MKSTREAM")
-        .query_async(&mut conn)
-        .await
-        .expect("group");
-
     let mut profiles = ServiceProcess::start("profiles", &[]).await;
+    // The process publishes to its own stream; this test's group reads it from the start.
+    let stream = crm_kit::outbox::stream_name(&profiles.prefix, "profiles");
+    let group = testing::unique_name("e2e_reader");
     let channel = crm_kit::client::channel(&profiles.url).expect("channel");
     let token = testing::token(&[crm_kit::Role::Admin], false);
     let mut client = ProfilesServiceClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
@@ -103,7 +92,7 @@ async fn a_trace_crosses_the_profiles_process_and_the_event_bus() {
     let settings = ConsumerSettings {
         group,
         name: "e2e".into(),
-        streams: vec!["crm.profiles.events".into()],
+        streams: vec![stream.clone()],
         batch_size: 100,
         block: Duration::from_millis(200),
         claim_idle: Duration::from_secs(30),

@@ -1,0 +1,130 @@
+//! SEG-7 background work, safe with any number of replicas: recompute
+//! operations are claimed with `FOR UPDATE SKIP LOCKED`; the hourly schedule
+//! inserts at most one operation per hour under an advisory lock; the
+//! recompute itself runs one at a time (its own advisory lock).
+
+use std::time::Duration;
+
+use chrono::Utc;
+use crm_kit::lifecycle::ShutdownSignal;
+use crm_proto::segmentation::v1::{OperationState, RecomputeScope};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::domain::Thresholds;
+use crate::{recompute, segments};
+
+/// Queues a recompute; returns its id.
+pub async fn request(pool: &PgPool, scope: RecomputeScope) -> Result<Uuid, sqlx::Error> {
+    let id = Uuid::now_v7();
+    sqlx::query("INSERT INTO recompute_operations (operation_id, scope, state) VALUES ($1, $2, $3)")
+        .bind(id)
+        .bind(scope as i16)
+        .bind(OperationState::Pending as i16)
+        .execute(pool)
+        .await?;
+    Ok(id)
+}
+
+/// Queues the hourly recompute unless one was queued in the last hour.
+pub async fn schedule_hourly(pool: &PgPool) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('segmentation:schedule'))").execute(&mut *tx).await?;
+    sqlx::query(
+        "INSERT INTO recompute_operations (operation_id, scope, state) SELECT $1, $2, $3 \
+         WHERE NOT EXISTS (SELECT 1 FROM recompute_operations WHERE created_at > now() - interval '1 hour')",
+    )
+    .bind(Uuid::now_v7())
+    .bind(RecomputeScope::Full as i16)
+    .bind(OperationState::Pending as i16)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await
+}
+
+async fn set(
+    pool: &PgPool,
+    id: Uuid,
+    state: OperationState,
+    progress: i16,
+    step: &str,
+    error: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE recompute_operations SET state = $2, progress = $3, step = $4, error = $5, \
+         ended_at = CASE WHEN $2 IN (3, 4) THEN now() ELSE ended_at END WHERE operation_id = $1",
+    )
+    .bind(id)
+    .bind(state as i16)
+    .bind(progress)
+    .bind(step)
+    .bind(error)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Claims and runs the oldest pending operation, if any. Returns whether one ran.
+pub async fn run_one(pool: &PgPool, worker: &str, thresholds: &Thresholds) -> Result<bool, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let claimed: Option<(Uuid, i16)> = sqlx::query_as(
+        "SELECT operation_id, scope FROM recompute_operations WHERE state = 1 ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED",
+    )
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((id, scope)) = claimed else { return Ok(false) };
+    sqlx::query(
+        "UPDATE recompute_operations SET state = 2, claimed_by = $2, step = 'starting' WHERE operation_id = $1",
+    )
+    .bind(id)
+    .bind(worker)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    let now = Utc::now();
+    let result = async {
+        if scope != RecomputeScope::Segments as i16 {
+            set(pool, id, OperationState::Running, 10, "scores (RFM, tiers, grid, lifecycle, churn)", "").await?;
+            recompute::run(pool, thresholds, now).await.map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+        }
+        set(pool, id, OperationState::Running, 70, "segment membership", "").await?;
+        let mut conn = pool.acquire().await?;
+        segments::refresh(&mut conn, now).await.map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+        Ok::<_, sqlx::Error>(())
+    }
+    .await;
+    match result {
+        Ok(()) => set(pool, id, OperationState::Succeeded, 100, "done", "").await?,
+        Err(e) => {
+            tracing::error!(operation = %id, error = %e, "recompute failed");
+            set(pool, id, OperationState::Failed, 100, "failed", &e.to_string()).await?;
+        }
+    }
+    Ok(true)
+}
+
+/// Runs until shutdown: schedules hourly and works off pending operations.
+pub async fn run(pool: PgPool, worker: String, thresholds: Thresholds, shutdown: ShutdownSignal) {
+    let mut last_schedule = std::time::Instant::now() - Duration::from_secs(3600);
+    loop {
+        if last_schedule.elapsed() >= Duration::from_secs(60) {
+            last_schedule = std::time::Instant::now();
+            if let Err(e) = schedule_hourly(&pool).await {
+                tracing::warn!(error = %e, "could not schedule the hourly recompute");
+            }
+        }
+        let ran = match run_one(&pool, &worker, &thresholds).await {
+            Ok(ran) => ran,
+            Err(e) => {
+                tracing::warn!(error = %e, "recompute worker round failed");
+                false
+            }
+        };
+        if !ran && !shutdown.sleep(Duration::from_secs(1)).await {
+            break;
+        }
+        if shutdown.is_triggered() {
+            break;
+        }
+    }
+}
