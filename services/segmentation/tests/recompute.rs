@@ -287,3 +287,38 @@ async fn seg6_saved_segments_keep_their_membership_and_its_history() {
     assert_eq!(history, (joined + changes.joined.len() + changes.left.len()) as i64);
     assert_eq!(events, history, "every join and leave is emitted");
 }
+
+#[tokio::test]
+async fn seg7_two_workers_at_once_claim_each_operation_once_and_recompute_one_at_a_time() {
+    use crm_proto::segmentation::v1::{OperationState, RecomputeScope};
+    use crm_segmentation::jobs;
+    let config = testing::config("segmentation").await;
+    let pool = crm_kit::db::pg_pool(&config).expect("pool");
+    crm_kit::db::migrate(&pool, &config.database_schema, crm_segmentation::SPEC.migrator).await.expect("migrate");
+    load(&pool, 1500).await;
+    let thresholds = Thresholds::default();
+
+    // Two recomputes at once on an unscored base serialise: each customer's first tier is recorded once.
+    let now = chrono::Utc::now();
+    let (x, y) = tokio::join!(recompute::run(&pool, &thresholds, now), recompute::run(&pool, &thresholds, now));
+    let moved = x.expect("x").tier_moves + y.expect("y").tier_moves;
+    assert_eq!(moved, 1500, "the second run waits for the first and finds every tier assigned");
+    let moves: i64 = sqlx::query_scalar("SELECT count(*) FROM tier_moves").fetch_one(&pool).await.expect("moves");
+    assert_eq!(moves, 1500, "one move per customer, not two");
+
+    // One pending operation, two workers racing for it.
+    let op = jobs::request(&pool, RecomputeScope::Full).await.expect("request");
+    let (a, b) =
+        tokio::join!(jobs::run_one(&pool, "worker-a", &thresholds), jobs::run_one(&pool, "worker-b", &thresholds));
+    assert_eq!([a.expect("a"), b.expect("b")].iter().filter(|ran| **ran).count(), 1, "exactly one worker claims it");
+    let (state, claimed_by): (i16, String) =
+        sqlx::query_as("SELECT state, claimed_by FROM recompute_operations WHERE operation_id = $1")
+            .bind(op)
+            .fetch_one(&pool)
+            .await
+            .expect("op");
+    assert_eq!(state, OperationState::Succeeded as i16);
+    assert!(claimed_by == "worker-a" || claimed_by == "worker-b");
+    let moves_after: i64 = sqlx::query_scalar("SELECT count(*) FROM tier_moves").fetch_one(&pool).await.expect("moves");
+    assert_eq!(moves_after, 1500, "the operation moved nothing new");
+}
