@@ -1,10 +1,10 @@
 //! Idempotent event consumption from Redis Streams (SPEC 2, REL-3).
 //!
 //! A [`Consumer`] reads one or more services' streams in a consumer group
-//! named after the consuming service. For each event it opens a PostgreSQL
-//! transaction, records the event id in `kit_inbox` (a duplicate is skipped),
-//! runs the [`EventHandler`] in that same transaction and commits, then
-//! acknowledges the stream entry. So effects happen exactly once even though
+//! named after the consuming service. It applies each batch in one
+//! PostgreSQL transaction: per event, under a savepoint, it records the event
+//! id in `kit_inbox` (a duplicate is skipped) and runs the [`EventHandler`];
+//! then it commits and acknowledges the batch's stream entries. So effects happen exactly once even though
 //! delivery is at-least-once; progress survives restarts (the inbox in
 //! PostgreSQL, pending entries in Redis):
 //!
@@ -249,113 +249,130 @@ impl<H: EventHandler> Consumer<H> {
         if entries.is_empty() {
             entries = self.read(">", Some(self.settings.block)).await?;
         }
-        let mut settled = 0;
+        self.settle_batch(entries).await
+    }
+
+    /// Applies a batch in one PostgreSQL transaction, each event under its own
+    /// savepoint: a permanently failing event is dead-lettered without losing
+    /// the others; a transient failure commits what was applied before it and
+    /// leaves the rest pending (order kept). Then one XACK per stream.
+    async fn settle_batch(&mut self, entries: Vec<(String, StreamId)>) -> Result<usize, ConsumerError> {
+        use sqlx::Connection;
+        if entries.is_empty() {
+            return Ok(0);
+        }
+        let mut tx = self.pool.begin().await?;
+        let mut acks: Vec<(String, String)> = Vec::new();
+        let mut counts: Vec<&'static str> = Vec::new();
+        let mut failure: Option<ConsumerError> = None;
         for (stream, entry) in entries {
-            self.settle(&stream, entry).await?;
-            settled += 1;
-        }
-        Ok(settled)
-    }
-
-    async fn ack(&mut self, stream: &str, id: &str) -> Result<(), redis::RedisError> {
-        redis::cmd("XACK").arg(stream).arg(&self.settings.group).arg(id).query_async::<()>(&mut self.redis).await
-    }
-
-    async fn settle(&mut self, stream: &str, entry: StreamId) -> Result<(), ConsumerError> {
-        if entry.map.is_empty() {
-            // Trimmed from the stream while pending: nothing left to apply.
-            self.ack(stream, &entry.id).await?;
-            return Ok(());
-        }
-        let raw = match entry.map.get("envelope") {
-            Some(Value::BulkString(b)) => b.clone(),
-            _ => Vec::new(),
-        };
-        let decoded =
-            EventEnvelope::decode(raw.as_slice()).map_err(|e| format!("undecodable envelope: {e}")).and_then(|env| {
-                Uuid::parse_str(&env.event_id).map(|id| (env, id)).map_err(|e| format!("bad event id: {e}"))
-            });
-        let (envelope, event_id) = match decoded {
-            Ok(v) => v,
-            Err(why) => {
-                self.dead_letter(stream, &entry.id, None, &raw, &why).await?;
-                self.ack(stream, &entry.id).await?;
-                return Ok(());
+            if entry.map.is_empty() {
+                // Trimmed from the stream while pending: nothing left to apply.
+                acks.push((stream, entry.id));
+                continue;
             }
-        };
-        let event = Event { envelope, stream: stream.to_string(), stream_id: entry.id.clone() };
-
-        let span = tracing::info_span!(
-            "event.consume",
-            otel.name = %format!("consume {}", event.envelope.event_type),
-            otel.kind = "consumer",
-            messaging.system = "redis_streams",
-            messaging.destination.name = %stream,
-            messaging.message.id = %event.envelope.event_id,
-            messaging.consumer.group.name = %self.settings.group,
-            trace_id = tracing::field::Empty,
-            span_id = tracing::field::Empty,
-        );
-        telemetry::adopt_parent(&span, telemetry::context_from_event(event.envelope.trace_context.as_ref()));
-
-        let outcome = async {
-            let mut tx = self.pool.begin().await?;
+            let raw = match entry.map.get("envelope") {
+                Some(Value::BulkString(b)) => b.clone(),
+                _ => Vec::new(),
+            };
+            let decoded =
+                EventEnvelope::decode(raw.as_slice()).map_err(|e| format!("undecodable envelope: {e}")).and_then(
+                    |env| Uuid::parse_str(&env.event_id).map(|id| (env, id)).map_err(|e| format!("bad event id: {e}")),
+                );
+            let (envelope, event_id) = match decoded {
+                Ok(v) => v,
+                Err(why) => {
+                    self.dead_letter(&mut tx, &stream, &entry.id, None, &raw, &why).await?;
+                    counts.push("dead_letter");
+                    acks.push((stream, entry.id));
+                    continue;
+                }
+            };
+            let event = Event { envelope, stream: stream.clone(), stream_id: entry.id.clone() };
+            let span = tracing::info_span!(
+                "event.consume",
+                otel.name = %format!("consume {}", event.envelope.event_type),
+                otel.kind = "consumer",
+                messaging.system = "redis_streams",
+                messaging.destination.name = %stream,
+                messaging.message.id = %event.envelope.event_id,
+                messaging.consumer.group.name = %self.settings.group,
+                trace_id = tracing::field::Empty,
+                span_id = tracing::field::Empty,
+            );
+            telemetry::adopt_parent(&span, telemetry::context_from_event(event.envelope.trace_context.as_ref()));
+            let mut savepoint = tx.begin().await?;
             let fresh =
                 sqlx::query("INSERT INTO kit_inbox (consumer, event_id) VALUES ($1, $2) ON CONFLICT DO NOTHING")
                     .bind(&self.settings.group)
                     .bind(event_id)
-                    .execute(&mut *tx)
+                    .execute(&mut *savepoint)
                     .await?
                     .rows_affected()
                     == 1;
             if !fresh {
-                return Ok::<_, sqlx::Error>(Ok("duplicate"));
+                savepoint.commit().await?;
+                counts.push("duplicate");
+                acks.push((stream, entry.id));
+                continue;
             }
-            match self.handler.handle(&mut tx, &event).await {
+            match self.handler.handle(&mut savepoint, &event).instrument(span.clone()).await {
                 Ok(()) => {
-                    tx.commit().await?;
-                    Ok(Ok("applied"))
+                    savepoint.commit().await?;
+                    counts.push("applied");
+                    acks.push((stream, entry.id));
                 }
-                Err(e) => Ok(Err(e)),
+                Err(HandlerError::Permanent(why)) => {
+                    savepoint.rollback().await?;
+                    let _enter = span.enter();
+                    tracing::error!(event_id = %event_id, event_type = %event.envelope.event_type, error = %why, "event dead-lettered");
+                    drop(_enter);
+                    self.dead_letter(&mut tx, &stream, &entry.id, Some(&event), &raw, &why).await?;
+                    counts.push("dead_letter");
+                    acks.push((stream, entry.id));
+                }
+                Err(HandlerError::Transient(why)) => {
+                    savepoint.rollback().await?;
+                    failure = Some(ConsumerError::Handler(why));
+                    break;
+                }
             }
         }
-        .instrument(span.clone())
-        .await;
-
-        match outcome {
-            Ok(Ok(kind)) => {
-                self.metrics.events_consumed.get_or_create(&self.labels(kind)).inc();
-                self.ack(stream, &entry.id).await?;
-                Ok(())
-            }
-            Ok(Err(HandlerError::Permanent(why))) => {
-                let _enter = span.enter();
-                tracing::error!(event_id = %event_id, event_type = %event.envelope.event_type, error = %why, "event dead-lettered");
-                drop(_enter);
-                self.dead_letter(stream, &entry.id, Some(&event), &raw, &why).await?;
-                self.ack(stream, &entry.id).await?;
-                Ok(())
-            }
-            Ok(Err(HandlerError::Transient(why))) => {
+        tx.commit().await?;
+        for kind in &counts {
+            self.metrics.events_consumed.get_or_create(&self.labels(kind)).inc();
+        }
+        let settled = acks.len();
+        let mut by_stream: std::collections::BTreeMap<String, Vec<String>> = std::collections::BTreeMap::new();
+        for (stream, id) in acks {
+            by_stream.entry(stream).or_default().push(id);
+        }
+        for (stream, ids) in by_stream {
+            redis::cmd("XACK")
+                .arg(&stream)
+                .arg(&self.settings.group)
+                .arg(&ids)
+                .query_async::<()>(&mut self.redis)
+                .await?;
+        }
+        match failure {
+            Some(e) => {
                 self.metrics.consumer_errors.get_or_create(&vec![("consumer", self.settings.group.clone())]).inc();
-                Err(ConsumerError::Handler(why))
+                Err(e)
             }
-            Err(db) => {
-                self.metrics.consumer_errors.get_or_create(&vec![("consumer", self.settings.group.clone())]).inc();
-                Err(ConsumerError::Database(db))
-            }
+            None => Ok(settled),
         }
     }
 
     async fn dead_letter(
-        &mut self,
+        &self,
+        tx: &mut sqlx::PgConnection,
         stream: &str,
         stream_id: &str,
         event: Option<&Event>,
         raw: &[u8],
         why: &str,
     ) -> Result<(), sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO kit_dead_events (consumer, stream, stream_id, event_id, event_type, envelope, error) \
              VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
@@ -376,8 +393,6 @@ impl<H: EventHandler> Consumer<H> {
                 .execute(&mut *tx)
                 .await?;
         }
-        tx.commit().await?;
-        self.metrics.events_consumed.get_or_create(&self.labels("dead_letter")).inc();
         Ok(())
     }
 

@@ -297,6 +297,7 @@ async fn main() {
     let mut reads_only = false;
     let mut import_only = false;
     let mut recompute_customers: Option<usize> = None;
+    let mut consume_events: Option<usize> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -305,12 +306,17 @@ async fn main() {
             "--reads-only" => reads_only = true,
             "--import-only" => import_only = true,
             "--recompute" => recompute_customers = args.next().and_then(|v| v.parse().ok()),
+            "--consume" => consume_events = args.next().and_then(|v| v.parse().ok()),
             other => panic!("unknown argument {other}"),
         }
     }
     let duration = Duration::from_secs(seconds);
     if let Some(n) = recompute_customers {
         recompute_vs_floor(n).await;
+        return;
+    }
+    if let Some(n) = consume_events {
+        consume_throughput(n).await;
         return;
     }
     println!(
@@ -504,4 +510,85 @@ impl Facts {
         .await
         .expect("transactions");
     }
+}
+
+/// Event ingestion: N TransactionRecorded events published to a private
+/// stream, consumed into segmentation's read model (idempotent inbox,
+/// batched transactions). Reports events per second.
+async fn consume_throughput(events: usize) {
+    static NO_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate::Migrator::DEFAULT;
+    let prefix = crm_kit::testing::unique_name("bench");
+    let mut producer_config = crm_kit::testing::config("profiles").await;
+    producer_config.event_stream_prefix = prefix.clone();
+    producer_config.database_statement_timeout = Duration::ZERO;
+    let producer = crm_kit::db::pg_pool(&producer_config).expect("pool");
+    crm_kit::db::migrate(&producer, &producer_config.database_schema, &NO_MIGRATIONS).await.expect("producer");
+    let batch: Vec<(String, crm_proto::profiles::v1::TransactionRecorded)> = (0..events)
+        .map(|i| {
+            let customer = uuid::Uuid::from_u128((i % 50_000) as u128 + 1).to_string();
+            let t = crm_proto::profiles::v1::Transaction {
+                transaction_id: format!("bench-{i}"),
+                customer_id: customer.clone(),
+                kind: 1,
+                amount: Some(crm_proto::common::v1::Money { amount_minor: 1000, currency: "CNY".into() }),
+                occurred_at: Some(prost_types::Timestamp { seconds: 1_760_000_000 + i as i64, nanos: 0 }),
+                ..Default::default()
+            };
+            (customer, crm_proto::profiles::v1::TransactionRecorded { transaction: Some(t) })
+        })
+        .collect();
+    for chunk in batch.chunks(5000) {
+        let mut tx = producer.begin().await.expect("tx");
+        crm_kit::outbox::enqueue_many(&mut tx, "profiles", "customer", "", chunk).await.expect("enqueue");
+        tx.commit().await.expect("commit");
+    }
+    let redis = crm_kit::db::Redis::connect(&crm_kit::testing::redis_url(), Duration::from_secs(5)).expect("redis");
+    let relay = crm_kit::outbox::OutboxRelay::new(
+        producer.clone(),
+        redis,
+        "profiles",
+        crm_kit::metrics::Metrics::new("profiles"),
+    )
+    .configured(&producer_config, "profiles");
+    while relay.publish_once().await.expect("publish") > 0 {}
+
+    let reader_config = crm_kit::testing::config("segmentation").await;
+    let reader = crm_kit::db::pg_pool(&reader_config).expect("pool");
+    crm_kit::db::migrate(&reader, &reader_config.database_schema, crm_segmentation::SPEC.migrator)
+        .await
+        .expect("reader");
+    let settings = crm_kit::consumer::ConsumerSettings {
+        group: crm_kit::testing::unique_name("bench_reader"),
+        name: "bench".into(),
+        streams: vec![crm_kit::outbox::stream_name(&prefix, "profiles")],
+        batch_size: 500,
+        block: Duration::from_millis(100),
+        claim_idle: Duration::from_secs(60),
+    };
+    let mut consumer = crm_kit::consumer::Consumer::new(
+        reader.clone(),
+        &crm_kit::testing::redis_url(),
+        settings,
+        crm_segmentation::read_model::ReadModel,
+        crm_kit::metrics::Metrics::new("segmentation"),
+    )
+    .expect("consumer");
+    let started = Instant::now();
+    let mut done = 0;
+    while done < events {
+        done += consumer.poll_once().await.expect("consume");
+    }
+    let rate = events as f64 / started.elapsed().as_secs_f64();
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM transactions").fetch_one(&reader).await.expect("count");
+    assert_eq!(stored as usize, events);
+    println!(
+        "| segmentation read model: {events} TransactionRecorded events consumed (inbox, batched) | {rate:.0} events/s |"
+    );
+    let client = redis::Client::open(crm_kit::testing::redis_url()).expect("redis");
+    let mut conn = client.get_multiplexed_async_connection().await.expect("redis");
+    let _: () = redis::cmd("DEL")
+        .arg(crm_kit::outbox::stream_name(&prefix, "profiles"))
+        .query_async(&mut conn)
+        .await
+        .expect("cleanup");
 }
