@@ -160,18 +160,24 @@ impl SegmentationApi {
     }
 
     async fn segment_row(&self, id: Uuid) -> Result<pb::Segment, ApiError> {
+        let mut conn = self.pg.acquire().await?;
+        self.segment_row_in(&mut conn, id).await
+    }
+
+    /// The segment as seen by `conn` (inside a transaction: including its own writes).
+    async fn segment_row_in(&self, conn: &mut sqlx::PgConnection, id: Uuid) -> Result<pb::Segment, ApiError> {
         let row: Option<SegmentRow> = sqlx::query_as(
             "SELECT display_name, description, rule, version, created_at, updated_at, refreshed_at FROM segments \
              WHERE segment_id = $1 AND deleted_at IS NULL",
         )
         .bind(id)
-        .fetch_optional(&self.pg)
+        .fetch_optional(&mut *conn)
         .await?;
         let (name, description, rule, version, created, updated, refreshed) =
             row.ok_or_else(|| ApiError::not_found("segment", id.to_string()))?;
         let members: i64 = sqlx::query_scalar("SELECT count(*) FROM segment_members WHERE segment_id = $1")
             .bind(id)
-            .fetch_one(&self.pg)
+            .fetch_one(&mut *conn)
             .await?;
         Ok(pb::Segment {
             segment_id: id.to_string(),
@@ -210,11 +216,10 @@ impl SegmentationApi {
             }
             Err(segments::SaveError::Database(e)) => return Err(e.into()),
         };
-        tx.commit().await?;
-        let saved = self.segment_row(id).await?;
-        let mut tx = self.pg.begin().await?;
+        // The first response is stored in the same transaction as the change.
+        let saved = self.segment_row_in(&mut tx, id).await?;
         fresh.complete(&mut tx, &saved).await?;
-        let _ = tx.commit().await;
+        tx.commit().await?;
         Ok(saved)
     }
 
@@ -286,11 +291,9 @@ impl SegmentationApi {
         if updated.rows_affected() == 0 {
             return Err(ApiError::Aborted("the segment changed concurrently; re-read and retry".into()));
         }
-        tx.commit().await?;
-        let saved = self.segment_row(id).await?;
-        let mut tx = self.pg.begin().await?;
+        let saved = self.segment_row_in(&mut tx, id).await?;
         fresh.complete(&mut tx, &saved).await?;
-        let _ = tx.commit().await;
+        tx.commit().await?;
         Ok(saved)
     }
 

@@ -161,6 +161,20 @@ async fn the_segmentation_view_segments_and_recompute_operations_work_through_gr
         .await
         .expect("create")
         .into_inner();
+    // SPEC 3: a retried create returns the first result (stored with the change itself).
+    let replay = analyst
+        .create_segment(pb::CreateSegmentRequest {
+            segment: Some(pb::Segment {
+                display_name: "Lapsed".into(),
+                rule: Some(cond("days_since_last_purchase", pb::Operator::Gt, &["90"])),
+                ..Default::default()
+            }),
+            request_id: "seg-1".into(),
+        })
+        .await
+        .expect("replay")
+        .into_inner();
+    assert_eq!((replay.segment_id.as_str(), replay.display_name.as_str()), (segment.segment_id.as_str(), "Lapsed"));
     let op = analyst
         .start_recompute(pb::StartRecomputeRequest {
             scope: pb::RecomputeScope::Segments as i32,
