@@ -52,6 +52,23 @@ pub async fn migrate(pool: &PgPool, schema: &str, service: &Migrator) -> Result<
     service.run(pool).await
 }
 
+/// PRF-3 across services: the live customer an id stands for, following
+/// merges (`merged_into`) in the service's `customers` table — profiles' own
+/// records, or a read model that mirrors CustomerMerged. `None` if the id is
+/// unknown. Chains longer than 32 merges are not followed further.
+pub async fn live_customer(conn: &mut sqlx::PgConnection, id: uuid::Uuid) -> Result<Option<uuid::Uuid>, sqlx::Error> {
+    sqlx::query_scalar(
+        "WITH RECURSIVE chain(id, next, depth) AS ( \
+             SELECT customer_id, merged_into, 0 FROM customers WHERE customer_id = $1 \
+             UNION ALL SELECT c.customer_id, c.merged_into, chain.depth + 1 FROM customers c JOIN chain ON c.customer_id = chain.next \
+             WHERE chain.depth < 32) \
+         SELECT id FROM chain WHERE next IS NULL LIMIT 1",
+    )
+    .bind(id)
+    .fetch_optional(conn)
+    .await
+}
+
 /// Whether PostgreSQL answers within `timeout`.
 pub async fn pg_reachable(pool: &PgPool, timeout: Duration) -> bool {
     matches!(tokio::time::timeout(timeout, sqlx::query("SELECT 1").execute(pool)).await, Ok(Ok(_)))

@@ -116,17 +116,7 @@ pub async fn load(conn: &mut PgConnection, id: Uuid) -> Result<Option<Stored>, s
 
 /// Follows merges from `id` to the live record (PRF-3): an alias keeps resolving.
 pub async fn resolve(conn: &mut PgConnection, id: Uuid) -> Result<Option<Uuid>, sqlx::Error> {
-    let found: Option<Uuid> = sqlx::query_scalar(
-        "WITH RECURSIVE chain(id, next, depth) AS ( \
-             SELECT customer_id, merged_into, 0 FROM customers WHERE customer_id = $1 \
-             UNION ALL SELECT c.customer_id, c.merged_into, chain.depth + 1 FROM customers c JOIN chain ON c.customer_id = chain.next \
-             WHERE chain.depth < 32) \
-         SELECT id FROM chain WHERE next IS NULL LIMIT 1",
-    )
-    .bind(id)
-    .fetch_optional(&mut *conn)
-    .await?;
-    Ok(found)
+    crm_kit::db::live_customer(conn, id).await
 }
 
 /// The lock every identity change holds: shared by single creates and

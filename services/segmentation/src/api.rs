@@ -59,15 +59,8 @@ impl SegmentationApi {
 
     async fn live(&self, field: &str, raw: &str) -> Result<Uuid, ApiError> {
         let id = parse_id(field, raw)?;
-        let live: Option<Uuid> = sqlx::query_scalar(
-            "WITH RECURSIVE chain(id, next, depth) AS (SELECT customer_id, merged_into, 0 FROM customers WHERE customer_id = $1 \
-               UNION ALL SELECT c.customer_id, c.merged_into, chain.depth + 1 FROM customers c JOIN chain ON c.customer_id = chain.next \
-               WHERE chain.depth < 32) SELECT id FROM chain WHERE next IS NULL LIMIT 1",
-        )
-        .bind(id)
-        .fetch_optional(&self.pg)
-        .await?;
-        live.ok_or_else(|| ApiError::not_found("customer", raw))
+        let mut conn = self.pg.acquire().await?;
+        crm_kit::db::live_customer(&mut conn, id).await?.ok_or_else(|| ApiError::not_found("customer", raw))
     }
 
     async fn customer_segments(&self, id: Uuid) -> Result<Vec<pb::SegmentRef>, ApiError> {

@@ -75,17 +75,7 @@ async fn ensure(tx: &mut PgConnection, customer: Uuid) -> Result<(), sqlx::Error
 /// The customer an id stands for now: itself, or the survivor of its merges.
 async fn live(tx: &mut PgConnection, customer: Uuid) -> Result<Uuid, sqlx::Error> {
     ensure(tx, customer).await?;
-    let found: Option<Uuid> = sqlx::query_scalar(
-        "WITH RECURSIVE chain(id, next, depth) AS ( \
-             SELECT customer_id, merged_into, 0 FROM customers WHERE customer_id = $1 \
-             UNION ALL SELECT c.customer_id, c.merged_into, chain.depth + 1 FROM customers c JOIN chain ON c.customer_id = chain.next \
-             WHERE chain.depth < 32) \
-         SELECT id FROM chain WHERE next IS NULL LIMIT 1",
-    )
-    .bind(customer)
-    .fetch_optional(&mut *tx)
-    .await?;
-    Ok(found.unwrap_or(customer))
+    Ok(crm_kit::db::live_customer(tx, customer).await?.unwrap_or(customer))
 }
 
 #[allow(clippy::too_many_arguments)]
