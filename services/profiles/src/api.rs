@@ -160,15 +160,7 @@ impl ProfilesApi {
             Claim::Fresh(f) => f,
         };
         // PRF-3: serialise creates sharing an identity, then match before inserting.
-        let mut keys = Vec::new();
-        if !c.phone.is_empty() {
-            keys.push(format!("phone:{}", c.phone));
-        }
-        if !c.email.is_empty() {
-            keys.push(format!("email:{}", c.email));
-        }
-        keys.extend(c.external_ids.iter().map(|x| format!("ext:{}:{}", x.source, x.id)));
-        store::lock_identities(&mut tx, &keys).await?;
+        store::lock_identities(&mut tx, &rules::identity_keys(&c)).await?;
         let now = Utc::now();
         let (id, created, matched_by) =
             match store::find_by_identity(&mut tx, &c.phone, &c.email, &c.external_ids).await? {
@@ -325,14 +317,7 @@ impl ProfilesApi {
         rules::normalise(&mut next, "customer.", &mut v);
         v.into_result()?;
         if !next.phone.is_empty() || !next.email.is_empty() {
-            let mut keys = vec![];
-            if !next.phone.is_empty() {
-                keys.push(format!("phone:{}", next.phone));
-            }
-            if !next.email.is_empty() {
-                keys.push(format!("email:{}", next.email));
-            }
-            store::lock_identities(&mut tx, &keys).await?;
+            store::lock_identities(&mut tx, &rules::identity_keys(&next)).await?;
             if let Some((other, by)) = store::find_by_identity(&mut tx, &next.phone, &next.email, &[]).await?
                 && other != live
             {

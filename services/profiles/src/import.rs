@@ -22,6 +22,7 @@ use uuid::Uuid;
 
 use crate::SERVICE;
 use crate::api::ProfilesApi;
+use crate::domain::customer::identity_keys;
 use crate::domain::{customer as rules, records};
 use crate::store;
 
@@ -56,18 +57,6 @@ impl Tally {
         let room = MAX_REJECTIONS.saturating_sub(self.response.rejections.len());
         self.response.rejections.extend(r.rejections.into_iter().take(room));
     }
-}
-
-fn identity_keys(c: &pb::Customer) -> Vec<String> {
-    let mut keys = Vec::new();
-    if !c.phone.is_empty() {
-        keys.push(format!("phone:{}", c.phone));
-    }
-    if !c.email.is_empty() {
-        keys.push(format!("email:{}", c.email));
-    }
-    keys.extend(c.external_ids.iter().map(|x| format!("ext:{}:{}", x.source, x.id)));
-    keys
 }
 
 impl ProfilesApi {

@@ -162,6 +162,21 @@ pub fn normalise(c: &mut Customer, prefix: &str, v: &mut FieldViolations) {
     c.etag.clear();
 }
 
+/// PRF-3: the identity keys of a record — `phone:<e164>`, `email:<address>`,
+/// `ext:<source>:<id>` — used to serialise creates sharing an identity and to
+/// match records (the store's holder lookup speaks the same format).
+pub fn identity_keys(c: &Customer) -> Vec<String> {
+    let mut keys = Vec::new();
+    if !c.phone.is_empty() {
+        keys.push(format!("phone:{}", c.phone));
+    }
+    if !c.email.is_empty() {
+        keys.push(format!("email:{}", c.email));
+    }
+    keys.extend(c.external_ids.iter().map(|x| format!("ext:{}:{}", x.source, x.id)));
+    keys
+}
+
 /// PRF-1: size class from annual revenue in CNY minor units (fen).
 pub fn organization_size(revenue_fen: i64) -> OrganizationSize {
     const MILLION_CNY: i64 = 1_000_000 * 100;
