@@ -1,0 +1,251 @@
+//! OUT-3 campaign execution, set-based: launching materialises the audience
+//! (segments plus filters) into assignments and queued messages in one
+//! transaction; the dispatcher then applies the contact policy to each.
+//!
+//! The SQL bucket is the domain's ([`crate::domain::campaign::bucket`]):
+//! the first four bytes of SHA-256 over the campaign and customer ids, mod
+//! 10 000, so a customer lands in the same group on every replica and rerun.
+
+use chrono::{DateTime, Duration, Utc};
+use crm_kit::{ApiError, outbox};
+use crm_proto::outreach::v1 as pb;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::SERVICE;
+use crate::messages::state;
+
+/// How long a campaign message may wait (deferrals) before it is dropped as EXPIRED.
+pub const MESSAGE_LIFETIME_DAYS: i64 = 7;
+
+/// SQL for the bucket of customer `c.customer_id` in campaign `$1`.
+const BUCKET: &str = "(('x' || encode(substring(sha256(uuid_send($1::uuid) || uuid_send(c.customer_id)) from 1 for 4), 'hex'))::bit(32)::bigint % 10000)";
+/// SQL for the global-control bucket of `c.customer_id`.
+const CONTROL_BUCKET: &str = "(('x' || encode(substring(sha256(convert_to('global-control:', 'UTF8') || uuid_send(c.customer_id)) from 1 for 4), 'hex'))::bit(32)::bigint % 10000)";
+
+/// The audience of a campaign spec: live, not erased customers in any of
+/// the segments, with every tag, in one of the tiers. Binds $2 segments,
+/// $3 tiers (empty: all), $4 tags.
+const AUDIENCE: &str = "FROM customers c WHERE c.merged_into IS NULL AND c.erased_at IS NULL \
+     AND EXISTS (SELECT 1 FROM segment_members m WHERE m.customer_id = c.customer_id AND m.segment_id = ANY($2)) \
+     AND (cardinality($3::smallint[]) = 0 OR c.tier = ANY($3)) AND c.tags @> $4::text[]";
+
+/// Segments, tiers and tags of a campaign's audience.
+type Filters = (Vec<Uuid>, Vec<i16>, Vec<String>);
+
+fn filters(spec: &pb::Campaign) -> Result<Filters, ApiError> {
+    let segments = spec
+        .segment_ids
+        .iter()
+        .map(|s| Uuid::parse_str(s).map_err(|_| ApiError::internal("stored campaign has a bad segment id")))
+        .collect::<Result<_, _>>()?;
+    Ok((segments, spec.tier_filter.iter().map(|t| *t as i16).collect(), spec.tag_filter.clone()))
+}
+
+/// Cumulative variant edges (0..10 000) and names.
+fn variant_edges(spec: &pb::Campaign) -> (Vec<String>, Vec<i64>) {
+    let mut edge = 0i64;
+    let mut names = Vec::new();
+    let mut edges = Vec::new();
+    for v in &spec.variants {
+        edge += v.traffic_percent as i64 * 100;
+        names.push(v.name.clone());
+        edges.push(edge);
+    }
+    if let Some(last) = edges.last_mut() {
+        *last = 10_000;
+    }
+    (names, edges)
+}
+
+/// SQL of the group of each audience member: $5 holdout buckets, $6 control
+/// buckets, $7 variant names, $8 edges.
+fn group_sql() -> String {
+    format!(
+        "CASE WHEN {CONTROL_BUCKET} < $6 THEN 'global_control' WHEN {BUCKET} < $5 THEN 'holdout' ELSE \
+         (SELECT n FROM UNNEST($7::text[], $8::bigint[]) AS v(n, e) \
+          WHERE ({BUCKET} - $5) * 10000 / GREATEST(10000 - $5, 1) < e ORDER BY e LIMIT 1) END"
+    )
+}
+
+/// A campaign's preview (OUT-3): audience, holdout and variant sizes, policy
+/// suppressions as far as they are known now, and the cost estimate.
+pub async fn preview(
+    conn: &mut PgConnection,
+    id: Uuid,
+    spec: &pb::Campaign,
+    control_percent: i32,
+) -> Result<pb::PreviewCampaignResponse, ApiError> {
+    let (segments, tiers, tags) = filters(spec)?;
+    let (names, edges) = variant_edges(spec);
+    let sql = format!(
+        "SELECT g, c.tier, count(*), count(*) FILTER (WHERE c.open_complaints > 0) FROM (SELECT c.*, {} AS g {AUDIENCE}) c GROUP BY g, c.tier",
+        group_sql()
+    );
+    let rows: Vec<(Option<String>, i16, i64, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(id)
+        .bind(&segments)
+        .bind(&tiers)
+        .bind(&tags)
+        .bind(spec.holdout_percent as i64 * 100)
+        .bind(control_percent as i64 * 100)
+        .bind(&names)
+        .bind(&edges)
+        .fetch_all(&mut *conn)
+        .await?;
+    let channels = crate::settings::load_channels(conn).await?;
+    let cost_of = |ch: i32| channels.iter().find(|(c, ..)| *c as i32 == ch).map(|(_, cost, ..)| *cost).unwrap_or(0);
+    let mut out = pb::PreviewCampaignResponse::default();
+    let mut cost = 0i64;
+    for (group, tier, n, complaints) in rows {
+        out.audience_size += n;
+        match group.as_deref() {
+            Some("holdout") => out.holdout_size += n,
+            Some("global_control") => out.suppressed_estimate += n,
+            Some(variant) => {
+                *out.variant_sizes.entry(variant.to_string()).or_default() += n;
+                out.suppressed_estimate += complaints;
+                if let Some(ch) = first_channel(spec, variant, tier) {
+                    cost += cost_of(ch) * (n - complaints);
+                }
+            }
+            None => {}
+        }
+    }
+    out.cost_estimate = Some(crate::messages::cny(cost));
+    Ok(out)
+}
+
+/// The first channel of the plan for `tier` in `variant` (a plan with tier
+/// UNSPECIFIED is the default for tiers without their own).
+pub fn first_channel(spec: &pb::Campaign, variant: &str, tier: i16) -> Option<i32> {
+    let v = spec.variants.iter().find(|v| v.name == variant)?;
+    let plan = v
+        .channel_plan
+        .iter()
+        .find(|p| p.tier == tier as i32)
+        .or_else(|| v.channel_plan.iter().find(|p| p.tier == 0))?;
+    plan.channels.first().copied()
+}
+
+/// Launches a RUNNING campaign: assignments, CampaignAssignment events,
+/// queued messages for the contacted groups and suppressed ones (rule
+/// HOLDOUT / GLOBAL_CONTROL) for the others. Returns the audience size.
+pub async fn launch(
+    tx: &mut PgConnection,
+    id: Uuid,
+    spec: &pb::Campaign,
+    control_percent: i32,
+    now: DateTime<Utc>,
+) -> Result<i64, ApiError> {
+    let (segments, tiers, tags) = filters(spec)?;
+    let (names, edges) = variant_edges(spec);
+    let sql = format!(
+        "INSERT INTO campaign_assignments (campaign_id, customer_id, grp, tier, assigned_at) \
+         SELECT $1, c.customer_id, {}, c.tier, $9 {AUDIENCE} ON CONFLICT DO NOTHING",
+        group_sql()
+    );
+    let assigned = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(id)
+        .bind(&segments)
+        .bind(&tiers)
+        .bind(&tags)
+        .bind(spec.holdout_percent as i64 * 100)
+        .bind(control_percent as i64 * 100)
+        .bind(&names)
+        .bind(&edges)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected() as i64;
+
+    // The plan as rows: (variant, tier, channel, template); tier 0 is the default.
+    let (mut pv, mut pt, mut pc, mut ptemplate) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for v in &spec.variants {
+        for plan in &v.channel_plan {
+            let Some(ch) = plan.channels.first() else { continue };
+            let name = crm_proto::common::v1::Channel::try_from(*ch).map(|c| c.as_str_name()).unwrap_or_default();
+            let Some(template) = plan.template_ids.get(name).and_then(|t| Uuid::parse_str(t).ok()) else { continue };
+            pv.push(v.name.clone());
+            pt.push(plan.tier as i16);
+            pc.push(*ch as i16);
+            ptemplate.push(template);
+        }
+    }
+    let expires = now + Duration::days(MESSAGE_LIFETIME_DAYS);
+    let purpose =
+        if spec.purpose == 0 { crm_proto::common::v1::Purpose::Marketing as i16 } else { spec.purpose as i16 };
+    sqlx::query(
+        "INSERT INTO messages (message_id, customer_id, channel, template_id, campaign_id, variant, purpose, state, due_at, expires_at, locale) \
+         SELECT gen_random_uuid(), a.customer_id, p.ch, p.tpl, $1, a.grp, $2, $3, $4, $5, '' \
+         FROM campaign_assignments a \
+         JOIN LATERAL (SELECT ch, tpl FROM UNNEST($6::text[], $7::smallint[], $8::smallint[], $9::uuid[]) AS p(v, t, ch, tpl) \
+                       WHERE p.v = a.grp AND (p.t = a.tier OR p.t = 0) ORDER BY p.t DESC LIMIT 1) p ON true \
+         WHERE a.campaign_id = $1 ON CONFLICT DO NOTHING",
+    )
+    .bind(id)
+    .bind(purpose)
+    .bind(state::QUEUED)
+    .bind(now)
+    .bind(expires)
+    .bind(&pv)
+    .bind(&pt)
+    .bind(&pc)
+    .bind(&ptemplate)
+    .execute(&mut *tx)
+    .await?;
+    // Held-out customers are recorded but never contacted (OUT-3).
+    let first_template = ptemplate.first().copied().unwrap_or_default();
+    let first_channel = pc.first().copied().unwrap_or_default();
+    sqlx::query(
+        "INSERT INTO messages (message_id, customer_id, channel, template_id, campaign_id, variant, purpose, state, due_at, expires_at, \
+                               rule, detail, decided_at) \
+         SELECT gen_random_uuid(), a.customer_id, $6, $7, $1, a.grp, $2, $3, $4, $4, upper(a.grp), \
+                CASE a.grp WHEN 'holdout' THEN 'in the campaign holdout: recorded, not contacted' \
+                           ELSE 'in the global control group: no marketing contact' END, $4 \
+         FROM campaign_assignments a WHERE a.campaign_id = $1 AND a.grp IN ('holdout', 'global_control') ON CONFLICT DO NOTHING",
+    )
+    .bind(id)
+    .bind(purpose)
+    .bind(state::SUPPRESSED)
+    .bind(now)
+    .bind(expires)
+    .bind(first_channel)
+    .bind(first_template)
+    .execute(&mut *tx)
+    .await?;
+    // CampaignAssignment events, in chunks (analytics computes lift from them).
+    let mut after = Uuid::nil();
+    loop {
+        let chunk: Vec<(Uuid, String, i16)> = sqlx::query_as(
+            "SELECT customer_id, grp, tier FROM campaign_assignments WHERE campaign_id = $1 AND customer_id > $2 \
+             ORDER BY customer_id LIMIT 5000",
+        )
+        .bind(id)
+        .bind(after)
+        .fetch_all(&mut *tx)
+        .await?;
+        let Some(last) = chunk.last() else { break };
+        after = last.0;
+        let events: Vec<(String, pb::CampaignAssignment)> = chunk
+            .into_iter()
+            .map(|(c, grp, tier)| {
+                let e = pb::CampaignAssignment {
+                    campaign_id: id.to_string(),
+                    customer_id: c.to_string(),
+                    group: grp,
+                    tier: tier as i32,
+                    assign_time: Some(crate::messages::ts(now)),
+                };
+                (c.to_string(), e)
+            })
+            .collect();
+        outbox::enqueue_many(tx, SERVICE, "customer", "", &events).await?;
+    }
+    sqlx::query("UPDATE campaigns SET launched_at = $2 WHERE campaign_id = $1")
+        .bind(id)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+    Ok(assigned)
+}

@@ -1,0 +1,8 @@
+//! `crm-outreach [serve | migrate | config]`.
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() -> std::process::ExitCode {
+    crm_kit::cli::main(crm_outreach::SPEC, crm_outreach::run)
+}

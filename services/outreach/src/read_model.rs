@@ -1,0 +1,285 @@
+//! Outreach's read model, built only from other services' events (SPEC 2):
+//! what the contact policy and the campaigns need to know about a customer.
+//!
+//! - profiles: time zone, preferred channel, tags, birthday, registration,
+//!   consent (an opt-out applies to queued messages at once, because the
+//!   policy is checked at send time), spend for points (OUT-6), first and
+//!   last purchase, responses (which end a backoff, OUT-5), merges and erasure.
+//! - segmentation: tier, churn level, segment membership. A churn risk that
+//!   turns HIGH creates a call-back task due within 3 days (OUT-4).
+//!
+//! Idempotent through the kit's inbox; facts follow merges to the survivor.
+
+use chrono::{DateTime, Utc};
+use crm_kit::consumer::{Event, EventHandler, HandlerError};
+use crm_kit::outbox::{self, Aggregate};
+use crm_proto::common::v1::{ChurnRiskLevel, ErasureConfirmed};
+use crm_proto::profiles::v1 as profiles;
+use crm_proto::segmentation::v1 as segmentation;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::SERVICE;
+use crate::tasks::{self, NewTask};
+
+/// Applies profiles' and segmentation's events.
+#[derive(Debug, Clone, Default)]
+pub struct ReadModel;
+
+fn id(s: &str) -> Result<Uuid, HandlerError> {
+    Uuid::parse_str(s).map_err(|_| HandlerError::Permanent(format!("not an id: {s:?}")))
+}
+
+fn time(t: Option<&prost_types::Timestamp>) -> Option<DateTime<Utc>> {
+    t.and_then(|t| DateTime::from_timestamp(t.seconds, t.nanos.clamp(0, 999_999_999) as u32))
+}
+
+/// The customer an id stands for now (creating an empty row for one not seen yet).
+async fn live(tx: &mut PgConnection, customer: Uuid) -> Result<Uuid, sqlx::Error> {
+    sqlx::query("INSERT INTO customers (customer_id) VALUES ($1) ON CONFLICT DO NOTHING")
+        .bind(customer)
+        .execute(&mut *tx)
+        .await?;
+    Ok(crm_kit::db::live_customer(tx, customer).await?.unwrap_or(customer))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn apply_profile(
+    tx: &mut PgConnection,
+    customer: Uuid,
+    at: Option<DateTime<Utc>>,
+    timezone: &str,
+    tags: &[String],
+    preferred_channel: i32,
+    registered_at: Option<DateTime<Utc>>,
+    birthday: Option<&crm_proto::common::v1::Date>,
+) -> Result<(), sqlx::Error> {
+    live(tx, customer).await?;
+    sqlx::query(
+        "UPDATE customers SET timezone = $3, tags = $4, preferred_channel = $5, registered_at = COALESCE($6, registered_at), \
+         birth_month = $7, birth_day = $8, profile_as_of = $2 \
+         WHERE customer_id = $1 AND erased_at IS NULL AND (profile_as_of IS NULL OR $2::timestamptz IS NULL OR profile_as_of <= $2)",
+    )
+    .bind(customer)
+    .bind(at)
+    .bind(timezone)
+    .bind(tags)
+    .bind(preferred_channel as i16)
+    .bind(registered_at)
+    .bind(birthday.map(|d| d.month as i16))
+    .bind(birthday.map(|d| d.day as i16))
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+impl ReadModel {
+    async fn profiles(
+        &self,
+        tx: &mut PgConnection,
+        event: &Event,
+        at: Option<DateTime<Utc>>,
+    ) -> Result<bool, HandlerError> {
+        if let Some(e) = event.payload::<profiles::CustomerCreated>()? {
+            let registered = time(e.registered_at.as_ref());
+            let c = id(&e.customer_id)?;
+            apply_profile(tx, c, at, &e.timezone, &e.tags, e.preferred_channel, registered, e.birthday.as_ref())
+                .await?;
+        } else if let Some(e) = event.payload::<profiles::CustomerUpdated>()? {
+            let c = id(&e.customer_id)?;
+            apply_profile(tx, c, at, &e.timezone, &e.tags, e.preferred_channel, None, e.birthday.as_ref()).await?;
+        } else if let Some(e) = event.payload::<profiles::TransactionRecorded>()? {
+            let Some(t) = e.transaction else {
+                return Err(HandlerError::Permanent("TransactionRecorded without a transaction".into()));
+            };
+            let owner = live(tx, id(&t.customer_id)?).await?;
+            let amount = t.amount.map(|m| m.amount_minor).unwrap_or(0);
+            let signed = if t.kind == profiles::TransactionKind::Refund as i32 { -amount.abs() } else { amount };
+            let occurred = time(t.occurred_at.as_ref());
+            let purchase = t.kind == profiles::TransactionKind::Purchase as i32;
+            sqlx::query(
+                "UPDATE customers SET spend_minor = spend_minor + $2, \
+                 first_purchase_at = CASE WHEN $4 THEN LEAST(first_purchase_at, $3) ELSE first_purchase_at END, \
+                 last_purchase_at = CASE WHEN $4 THEN GREATEST(last_purchase_at, $3) ELSE last_purchase_at END \
+                 WHERE customer_id = $1",
+            )
+            .bind(owner)
+            .bind(signed)
+            .bind(occurred)
+            .bind(purchase)
+            .execute(&mut *tx)
+            .await?;
+        } else if let Some(e) = event.payload::<profiles::InteractionRecorded>()? {
+            let Some(x) = e.interaction else {
+                return Err(HandlerError::Permanent("InteractionRecorded without an interaction".into()));
+            };
+            // OUT-5: a response ends the backoff.
+            if x.kind == profiles::InteractionKind::ContactResponse as i32 {
+                let owner = live(tx, id(&x.customer_id)?).await?;
+                sqlx::query("UPDATE customers SET unanswered_streak = 0 WHERE customer_id = $1")
+                    .bind(owner)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        } else if let Some(e) = event.payload::<profiles::ConsentChanged>()? {
+            let owner = live(tx, id(&e.customer_id)?).await?;
+            for g in &e.grants {
+                sqlx::query(
+                    "INSERT INTO consents (customer_id, channel, purpose, granted, expires_at) VALUES ($1,$2,$3,$4,$5) \
+                     ON CONFLICT (customer_id, channel, purpose) DO UPDATE SET granted = $4, expires_at = $5",
+                )
+                .bind(owner)
+                .bind(g.channel as i16)
+                .bind(g.purpose as i16)
+                .bind(g.granted)
+                .bind(time(g.expire_time.as_ref()))
+                .execute(&mut *tx)
+                .await?;
+            }
+        } else if let Some(e) = event.payload::<profiles::CustomerMerged>()? {
+            let (survivor, loser) = (id(&e.survivor_id)?, id(&e.loser_id)?);
+            live(tx, survivor).await?;
+            live(tx, loser).await?;
+            sqlx::query(
+                "UPDATE customers s SET spend_minor = s.spend_minor + l.spend_minor, \
+                 first_purchase_at = LEAST(s.first_purchase_at, l.first_purchase_at), \
+                 last_purchase_at = GREATEST(s.last_purchase_at, l.last_purchase_at) \
+                 FROM customers l WHERE s.customer_id = $2 AND l.customer_id = $1",
+            )
+            .bind(loser)
+            .bind(survivor)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query("UPDATE customers SET merged_into = $2, spend_minor = 0 WHERE customer_id = $1")
+                .bind(loser)
+                .bind(survivor)
+                .execute(&mut *tx)
+                .await?;
+            // Contacts count for the person, whichever id they were sent to (OUT-5).
+            sqlx::query("UPDATE contacts SET customer_id = $2 WHERE customer_id = $1")
+                .bind(loser)
+                .bind(survivor)
+                .execute(&mut *tx)
+                .await?;
+            // The stricter consent wins: a revocation on either record stays.
+            sqlx::query(
+                "INSERT INTO consents (customer_id, channel, purpose, granted, expires_at) \
+                 SELECT $2, channel, purpose, granted, expires_at FROM consents WHERE customer_id = $1 \
+                 ON CONFLICT (customer_id, channel, purpose) DO UPDATE SET granted = consents.granted AND EXCLUDED.granted",
+            )
+            .bind(loser)
+            .bind(survivor)
+            .execute(&mut *tx)
+            .await?;
+        } else if let Some(e) = event.payload::<profiles::CustomerUnmerged>()? {
+            let restored = id(&e.restored_id)?;
+            live(tx, restored).await?;
+            sqlx::query("UPDATE customers SET merged_into = NULL WHERE customer_id = $1")
+                .bind(restored)
+                .execute(&mut *tx)
+                .await?;
+        } else if let Some(e) = event.payload::<profiles::CustomerErased>()? {
+            let mut ids = vec![id(&e.customer_id)?];
+            for a in &e.alias_ids {
+                ids.push(id(a)?);
+            }
+            for x in &ids {
+                live(tx, *x).await?;
+            }
+            // PRF-8: what describes the person goes; queued messages are dropped by the policy (ERASED).
+            sqlx::query(
+                "UPDATE customers SET timezone = '', tags = '{}', birth_month = NULL, birth_day = NULL, \
+                 erased_at = COALESCE(erased_at, $2, now()) WHERE customer_id = ANY($1)",
+            )
+            .bind(&ids)
+            .bind(at)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query("UPDATE messages SET variables = '{}' WHERE customer_id = ANY($1)")
+                .bind(&ids)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(
+                "UPDATE tasks SET customer_feedback = '', problem = '', next_action = '' WHERE customer_id = ANY($1)",
+            )
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await?;
+            let confirmed = ErasureConfirmed {
+                customer_id: e.customer_id.clone(),
+                service: SERVICE.to_string(),
+                erase_time: Some(prost_types::Timestamp::from(std::time::SystemTime::now())),
+            };
+            outbox::enqueue(
+                tx,
+                SERVICE,
+                Aggregate { kind: "customer", id: &e.customer_id },
+                &event.envelope.request_id,
+                &confirmed,
+            )
+            .await
+            .map_err(|e| HandlerError::Transient(e.to_string()))?;
+        } else {
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    async fn segmentation(&self, tx: &mut PgConnection, event: &Event) -> Result<(), HandlerError> {
+        if let Some(e) = event.payload::<segmentation::TierChanged>()? {
+            let owner = live(tx, id(&e.customer_id)?).await?;
+            let tier = e.r#move.map(|m| m.to_tier).unwrap_or(0);
+            sqlx::query("UPDATE customers SET tier = $2 WHERE customer_id = $1")
+                .bind(owner)
+                .bind(tier as i16)
+                .execute(&mut *tx)
+                .await?;
+        } else if let Some(e) = event.payload::<segmentation::ChurnRiskChanged>()? {
+            let owner = live(tx, id(&e.customer_id)?).await?;
+            let level = e.risk.as_ref().map(|r| r.level).unwrap_or(0);
+            sqlx::query("UPDATE customers SET churn_level = $2 WHERE customer_id = $1")
+                .bind(owner)
+                .bind(level as i16)
+                .execute(&mut *tx)
+                .await?;
+            // OUT-4: churn risk high -> a call-back task for the account manager within 3 days.
+            if level == ChurnRiskLevel::High as i32 && e.previous_level != ChurnRiskLevel::High as i32 {
+                let at = time(event.envelope.occurred_at.as_ref()).unwrap_or_else(Utc::now);
+                tasks::create_in(
+                    tx,
+                    NewTask {
+                        customer_id: owner,
+                        kind: crm_proto::outreach::v1::TaskKind::CallBack,
+                        owner: tasks::AGENT_QUEUE.into(),
+                        due_at: at + chrono::Duration::days(3),
+                        reason: "churn risk high".into(),
+                        dedupe_key: Some(format!("churn-high:{}", event.envelope.event_id)),
+                    },
+                    &event.envelope.request_id,
+                )
+                .await
+                .map_err(|e| HandlerError::Transient(e.to_string()))?;
+            }
+        } else if let Some(e) = event.payload::<segmentation::SegmentMembershipChanged>()? {
+            let segment = id(&e.segment_id)?;
+            let owner = live(tx, id(&e.customer_id)?).await?;
+            let sql = if e.joined {
+                "INSERT INTO segment_members (segment_id, customer_id) VALUES ($1, $2) ON CONFLICT DO NOTHING"
+            } else {
+                "DELETE FROM segment_members WHERE segment_id = $1 AND customer_id = $2"
+            };
+            sqlx::query(sql).bind(segment).bind(owner).execute(&mut *tx).await?;
+        }
+        Ok(())
+    }
+}
+
+impl EventHandler for ReadModel {
+    async fn handle(&self, tx: &mut PgConnection, event: &Event) -> Result<(), HandlerError> {
+        let at = time(event.envelope.occurred_at.as_ref());
+        if !self.profiles(tx, event, at).await? {
+            self.segmentation(tx, event).await?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,90 @@
+//! OUT-2 template storage: the wire bodies parsed once, with field errors.
+
+use crm_kit::{ApiError, FieldViolations};
+use crm_proto::outreach::v1 as pb;
+
+use crate::domain::template::{self, Body, Text};
+
+/// Longest subject accepted.
+pub const MAX_SUBJECT: usize = 200;
+
+/// Parses the bodies of a template; errors name `field[i].body` etc.
+pub fn parse_bodies(bodies: &[pb::TemplateBody], field: &str) -> Result<Vec<Body>, ApiError> {
+    let mut v = FieldViolations::new();
+    if bodies.is_empty() {
+        v.add(field, "at least one locale's body is required (zh-CN and en expected)");
+    }
+    if bodies.len() > template::LOCALES.len() {
+        v.add(field, format!("at most one body per locale ({})", template::LOCALES.join(", ")));
+    }
+    let mut out = Vec::new();
+    for (i, b) in bodies.iter().enumerate() {
+        let f = |name: &str| format!("{field}[{i}].{name}");
+        if !template::LOCALES.contains(&b.locale.as_str()) {
+            v.add(f("locale"), format!("must be one of {}", template::LOCALES.join(", ")));
+        } else if bodies[..i].iter().any(|o| o.locale == b.locale) {
+            v.add(f("locale"), "appears twice");
+        }
+        if b.body.trim().is_empty() {
+            v.add(f("body"), "is required");
+        } else if b.body.len() > template::MAX_BODY {
+            v.add(f("body"), format!("is longer than {} bytes", template::MAX_BODY));
+        }
+        if b.subject.len() > MAX_SUBJECT {
+            v.add(f("subject"), format!("is longer than {MAX_SUBJECT} bytes"));
+        }
+        let subject = v.check(&f("subject"), Text::parse(&b.subject));
+        let body = v.check(&f("body"), Text::parse(&b.body));
+        if let (Some(subject), Some(body)) = (subject, body) {
+            out.push(Body { locale: b.locale.clone(), subject, body });
+        }
+    }
+    v.into_result()?;
+    Ok(out)
+}
+
+/// Writes the system templates the code refers to (OUT-4: the feedback
+/// acknowledgement) unless they exist; editable afterwards like any other.
+pub async fn seed(pool: &sqlx::PgPool) -> Result<(), ApiError> {
+    use prost::Message;
+    let body = |locale: &str, subject: &str, text: &str| pb::TemplateBody {
+        locale: locale.into(),
+        subject: subject.into(),
+        body: text.into(),
+    };
+    let ack = pb::Template {
+        template_id: String::new(),
+        display_name: "Feedback acknowledgement".into(),
+        channel: crm_proto::common::v1::Channel::Sms as i32,
+        content_type: pb::ContentType::Service as i32,
+        purpose: crm_proto::common::v1::Purpose::Service as i32,
+        bodies: vec![
+            body(
+                "zh-CN",
+                "我们已收到您的反馈",
+                "{{name}}，您好！我们已收到您的反馈（编号 {{feedback_id}}），将尽快处理。",
+            ),
+            body(
+                "en",
+                "We received your feedback",
+                "{{name}}, thank you: we received your feedback ({{feedback_id}}) and will get back to you soon.",
+            ),
+        ],
+        variables: vec!["feedback_id".into(), "name".into()],
+        etag: String::new(),
+    };
+    parse_bodies(&ack.bodies, "bodies")?;
+    sqlx::query(
+        "INSERT INTO templates (template_id, display_name, channel, content_type, purpose, bodies) VALUES ($1,$2,$3,$4,$5,$6) \
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(crate::api::ACK_TEMPLATE)
+    .bind(&ack.display_name)
+    .bind(ack.channel as i16)
+    .bind(ack.content_type as i16)
+    .bind(ack.purpose as i16)
+    .bind(ack.encode_to_vec())
+    .execute(pool)
+    .await?;
+    Ok(())
+}
