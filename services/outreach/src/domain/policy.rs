@@ -324,10 +324,12 @@ pub fn check_contact(
             continue;
         }
         let start = window_start(cap.window, tz, now);
+        // Contacts stamped after `now` count too: another replica (or a
+        // transaction that took the lock first) may have a clock a little ahead.
         let mut inside: Vec<DateTime<Utc>> = recipient
             .contacts
             .iter()
-            .filter(|c| c.at >= start && c.at <= now && cap.channel.is_none_or(|ch| ch == c.channel))
+            .filter(|c| c.at >= start && cap.channel.is_none_or(|ch| ch == c.channel))
             .map(|c| c.at)
             .collect();
         if (inside.len() as u32) < cap.max_contacts {
@@ -548,6 +550,15 @@ mod tests {
         assert!(!q.contains(NaiveTime::from_hms_opt(13, 0, 0).unwrap()));
         let none = QuietHours { start: q.start, end: q.start };
         assert!(!none.contains(q.start));
+    }
+
+    #[test]
+    fn a_contact_stamped_just_after_now_still_counts() {
+        // Another replica's clock may run a little ahead of this one's.
+        let policy = ContactPolicy::default();
+        let now = at(SHANGHAI, "2026-11-22 15:00");
+        let later = [sms(now + Duration::milliseconds(3)), sms(at(SHANGHAI, "2026-11-22 09:00"))];
+        assert_eq!(check_contact(&policy, &recipient(SHANGHAI, &later), SMS, now).rule, "DAILY_CAP");
     }
 
     #[test]
