@@ -68,8 +68,10 @@ fn group_sql() -> String {
     )
 }
 
-/// A campaign's preview (OUT-3): audience, holdout and variant sizes, policy
-/// suppressions as far as they are known now, and the cost estimate.
+/// A campaign's preview (OUT-3): audience, holdout and variant sizes, the
+/// customers the policy would suppress as far as is known now (no consent,
+/// an opt-out, an open complaint, the global control group), and the cost
+/// of the rest on their planned channels.
 pub async fn preview(
     conn: &mut PgConnection,
     id: Uuid,
@@ -78,11 +80,12 @@ pub async fn preview(
 ) -> Result<pb::PreviewCampaignResponse, ApiError> {
     let (segments, tiers, tags) = filters(spec)?;
     let (names, edges) = variant_edges(spec);
+    let plan = Plan::of(spec);
     let sql = format!(
-        "SELECT g, c.tier, count(*), count(*) FILTER (WHERE c.open_complaints > 0) FROM (SELECT c.*, {} AS g {AUDIENCE}) c GROUP BY g, c.tier",
+        "WITH a AS (SELECT c.customer_id, c.tier, c.open_complaints, {} AS g {AUDIENCE}),          x AS (SELECT a.*, (SELECT p.ch FROM UNNEST($9::text[], $10::smallint[], $11::smallint[]) AS p(v, t, ch)                             WHERE p.v = a.g AND (p.t = a.tier OR p.t = 0) ORDER BY p.t DESC LIMIT 1) AS ch FROM a)          SELECT x.g, x.ch, count(*), count(*) FILTER (WHERE x.open_complaints > 0 OR NOT COALESCE(              (SELECT CASE WHEN $12 = 1 THEN k.granted ELSE k.granted AND (k.expires_at IS NULL OR k.expires_at > now()) END               FROM consents k WHERE k.customer_id = x.customer_id AND k.channel = x.ch AND k.purpose = $12), $12 = 1))          FROM x GROUP BY x.g, x.ch",
         group_sql()
     );
-    let rows: Vec<(Option<String>, i16, i64, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+    let rows: Vec<(Option<String>, Option<i16>, i64, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
         .bind(id)
         .bind(&segments)
         .bind(&tiers)
@@ -91,23 +94,26 @@ pub async fn preview(
         .bind(control_percent as i64 * 100)
         .bind(&names)
         .bind(&edges)
+        .bind(&plan.variants)
+        .bind(&plan.tiers)
+        .bind(&plan.channels)
+        .bind(purpose(spec))
         .fetch_all(&mut *conn)
         .await?;
     let channels = crate::settings::load_channels(conn).await?;
-    let cost_of = |ch: i32| channels.iter().find(|(c, ..)| *c as i32 == ch).map(|(_, cost, ..)| *cost).unwrap_or(0);
+    let cost_of =
+        |ch: i16| channels.iter().find(|(c, ..)| *c as i32 == ch as i32).map(|(_, cost, ..)| *cost).unwrap_or(0);
     let mut out = pb::PreviewCampaignResponse::default();
     let mut cost = 0i64;
-    for (group, tier, n, complaints) in rows {
+    for (group, ch, n, suppressed) in rows {
         out.audience_size += n;
         match group.as_deref() {
             Some("holdout") => out.holdout_size += n,
             Some("global_control") => out.suppressed_estimate += n,
             Some(variant) => {
                 *out.variant_sizes.entry(variant.to_string()).or_default() += n;
-                out.suppressed_estimate += complaints;
-                if let Some(ch) = first_channel(spec, variant, tier) {
-                    cost += cost_of(ch) * (n - complaints);
-                }
+                out.suppressed_estimate += suppressed;
+                cost += ch.map(cost_of).unwrap_or(0) * (n - suppressed);
             }
             None => {}
         }
@@ -116,16 +122,35 @@ pub async fn preview(
     Ok(out)
 }
 
-/// The first channel of the plan for `tier` in `variant` (a plan with tier
-/// UNSPECIFIED is the default for tiers without their own).
-pub fn first_channel(spec: &pb::Campaign, variant: &str, tier: i16) -> Option<i32> {
-    let v = spec.variants.iter().find(|v| v.name == variant)?;
-    let plan = v
-        .channel_plan
-        .iter()
-        .find(|p| p.tier == tier as i32)
-        .or_else(|| v.channel_plan.iter().find(|p| p.tier == 0))?;
-    plan.channels.first().copied()
+/// A campaign's channel plan as columns: (variant, tier, first channel,
+/// its template); tier 0 is the variant's default plan.
+struct Plan {
+    variants: Vec<String>,
+    tiers: Vec<i16>,
+    channels: Vec<i16>,
+    templates: Vec<Uuid>,
+}
+
+impl Plan {
+    fn of(spec: &pb::Campaign) -> Self {
+        let mut plan = Plan { variants: Vec::new(), tiers: Vec::new(), channels: Vec::new(), templates: Vec::new() };
+        for v in &spec.variants {
+            for p in &v.channel_plan {
+                let Some(ch) = p.channels.first() else { continue };
+                let name = crm_proto::common::v1::Channel::try_from(*ch).map(|c| c.as_str_name()).unwrap_or_default();
+                let Some(template) = p.template_ids.get(name).and_then(|t| Uuid::parse_str(t).ok()) else { continue };
+                plan.variants.push(v.name.clone());
+                plan.tiers.push(p.tier as i16);
+                plan.channels.push(*ch as i16);
+                plan.templates.push(template);
+            }
+        }
+        plan
+    }
+}
+
+fn purpose(spec: &pb::Campaign) -> i16 {
+    if spec.purpose == 0 { crm_proto::common::v1::Purpose::Marketing as i16 } else { spec.purpose as i16 }
 }
 
 /// Launches a RUNNING campaign: assignments, CampaignAssignment events,
@@ -159,19 +184,7 @@ pub async fn launch(
         .await?
         .rows_affected() as i64;
 
-    // The plan as rows: (variant, tier, channel, template); tier 0 is the default.
-    let (mut pv, mut pt, mut pc, mut ptemplate) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for v in &spec.variants {
-        for plan in &v.channel_plan {
-            let Some(ch) = plan.channels.first() else { continue };
-            let name = crm_proto::common::v1::Channel::try_from(*ch).map(|c| c.as_str_name()).unwrap_or_default();
-            let Some(template) = plan.template_ids.get(name).and_then(|t| Uuid::parse_str(t).ok()) else { continue };
-            pv.push(v.name.clone());
-            pt.push(plan.tier as i16);
-            pc.push(*ch as i16);
-            ptemplate.push(template);
-        }
-    }
+    let plan = Plan::of(spec);
     let expires = now + Duration::days(MESSAGE_LIFETIME_DAYS);
     let purpose =
         if spec.purpose == 0 { crm_proto::common::v1::Purpose::Marketing as i16 } else { spec.purpose as i16 };
@@ -188,15 +201,15 @@ pub async fn launch(
     .bind(state::QUEUED)
     .bind(now)
     .bind(expires)
-    .bind(&pv)
-    .bind(&pt)
-    .bind(&pc)
-    .bind(&ptemplate)
+    .bind(&plan.variants)
+    .bind(&plan.tiers)
+    .bind(&plan.channels)
+    .bind(&plan.templates)
     .execute(&mut *tx)
     .await?;
     // Held-out customers are recorded but never contacted (OUT-3).
-    let first_template = ptemplate.first().copied().unwrap_or_default();
-    let first_channel = pc.first().copied().unwrap_or_default();
+    let first_template = plan.templates.first().copied().unwrap_or_default();
+    let first_channel = plan.channels.first().copied().unwrap_or_default();
     sqlx::query(
         "INSERT INTO messages (message_id, customer_id, channel, template_id, campaign_id, variant, purpose, state, due_at, expires_at, \
                                rule, detail, decided_at) \

@@ -71,7 +71,9 @@ async fn run() -> Result<String, String> {
     .max_encoding_message_size(16 << 20);
     let generated = crm_datagen::Generator::new(crm_datagen::Config { customers, seed: 2026, ..Default::default() });
     let mut rows = Vec::new();
+    let mut consents = Vec::new();
     for g in generated {
+        consents.push((g.external_id(), g.consents()));
         let reference = g.external_id();
         rows.push(pb::ImportRecordsRequest { record: Some(Record::Customer(g.customer)), customer_ref: None });
         rows.extend(g.transactions.into_iter().map(|t| pb::ImportRecordsRequest {
@@ -89,8 +91,9 @@ async fn run() -> Result<String, String> {
         .await
         .map_err(|s| format!("ImportRecords: {} {}", s.code(), s.message()))?
         .into_inner();
+    let granted = apply_consents(&client, consents).await?;
     Ok(format!(
-        "demo data in profiles: {} customers created, {} already there; {} transactions and {} interactions recorded, {} already there; {} rejected ({:.1} s)",
+        "demo data in profiles: {} customers created, {} already there; {} transactions and {} interactions recorded, {} already there; {} rejected; consent set for {granted} customers ({:.1} s)",
         r.customers_created,
         r.customers_matched,
         r.transactions_recorded,
@@ -99,4 +102,55 @@ async fn run() -> Result<String, String> {
         r.rejected,
         started.elapsed().as_secs_f64()
     ))
+}
+
+/// Records each customer's marketing consent (PRF-7) with UpdateConsent, 16
+/// calls at a time; request ids make a rerun change nothing.
+async fn apply_consents<C>(
+    client: &ProfilesServiceClient<C>,
+    consents: Vec<(pb::ExternalId, Vec<pb::ConsentGrant>)>,
+) -> Result<usize, String>
+where
+    C: tonic::client::GrpcService<tonic::body::Body> + Clone + Send + 'static,
+    C::Error: Into<tonic::codegen::StdError>,
+    C::ResponseBody: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
+    <C::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
+    C::Future: Send,
+{
+    let consents: Vec<_> = consents.into_iter().filter(|(_, grants)| !grants.is_empty()).collect();
+    let total = consents.len();
+    let mut lanes: Vec<Vec<(pb::ExternalId, Vec<pb::ConsentGrant>)>> = (0..16).map(|_| Vec::new()).collect();
+    for (i, c) in consents.into_iter().enumerate() {
+        lanes[i % 16].push(c);
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for lane in lanes {
+        let mut client = client.clone();
+        tasks.spawn(async move {
+            for (external, grants) in lane {
+                let key = format!("demo-consent-{}", external.id);
+                let customer = client
+                    .resolve_customer(pb::ResolveCustomerRequest {
+                        identity: Some(pb::resolve_customer_request::Identity::ExternalId(external)),
+                        purpose: String::new(),
+                    })
+                    .await
+                    .map_err(|s| format!("ResolveCustomer: {} {}", s.code(), s.message()))?
+                    .into_inner();
+                client
+                    .update_consent(pb::UpdateConsentRequest {
+                        customer_id: customer.customer_id,
+                        changes: grants,
+                        request_id: key,
+                    })
+                    .await
+                    .map_err(|s| format!("UpdateConsent: {} {}", s.code(), s.message()))?;
+            }
+            Ok::<(), String>(())
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.map_err(|e| e.to_string())??;
+    }
+    Ok(total)
 }
