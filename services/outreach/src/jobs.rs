@@ -5,7 +5,8 @@
 //! - the dispatcher decides due messages (OUT-5, [`crate::dispatch`]);
 //! - the deliverer hands approved ones to their adapters (OUT-1, [`crate::delivery`]);
 //! - the campaign clock starts SCHEDULED campaigns and completes finished ones (OUT-3);
-//! - the task watcher escalates overdue tasks (OUT-7).
+//! - the task watcher escalates overdue tasks (OUT-7);
+//! - the trigger sweep queues lifecycle messages and silent-customer call-backs (OUT-4).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,7 +21,7 @@ use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::delivery::Deliverer;
-use crate::{campaigns, dispatch, settings, tasks};
+use crate::{campaigns, dispatch, settings, tasks, triggers};
 
 /// How the loops pace themselves.
 #[derive(Debug, Clone, Copy)]
@@ -133,12 +134,31 @@ pub async fn campaign_clock(pool: &PgPool, wake: &Notify) -> Result<(), crm_kit:
     Ok(())
 }
 
-/// The campaign clock and the task watcher, until shutdown.
-pub async fn clocks(pool: PgPool, wake: Arc<Notify>, every: Duration, signal: ShutdownSignal) {
+/// The campaign clock, the task watcher and the trigger sweep, until shutdown.
+pub async fn clocks(pool: PgPool, default_tz: Tz, wake: Arc<Notify>, every: Duration, signal: ShutdownSignal) {
     let mut ticks = 0u64;
     loop {
         if let Err(e) = campaign_clock(&pool, &wake).await {
             tracing::warn!(error = %e, "campaign clock round failed");
+        }
+        if ticks.is_multiple_of(300) {
+            // OUT-4 date triggers and silent-customer call-backs, every 5 minutes (idempotent).
+            let round = async {
+                let mut tx = pool.begin().await?;
+                sqlx::query("SELECT pg_advisory_xact_lock(hashtext('outreach:triggers'))").execute(&mut *tx).await?;
+                let queued = triggers::sweep(&mut tx, default_tz, Utc::now()).await?;
+                let tasks = triggers::silent_callbacks(&mut tx, Utc::now()).await?;
+                tx.commit().await?;
+                Ok::<_, crm_kit::ApiError>((queued, tasks))
+            };
+            match round.await {
+                Ok((0, 0)) => {}
+                Ok((queued, tasks)) => {
+                    tracing::info!(queued, tasks, "lifecycle triggers fired");
+                    wake.notify_one();
+                }
+                Err(e) => tracing::warn!(error = %e, "trigger sweep failed"),
+            }
         }
         if ticks.is_multiple_of(30) {
             let round = async {

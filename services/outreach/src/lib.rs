@@ -2,7 +2,7 @@
 //! (SPEC 4.3). Where things are: handlers in [`api`], rules in [`domain`]
 //! (the contact policy is [`domain::policy`]), the policy's enforcement point
 //! in [`dispatch`], channel adapters in [`delivery`], campaign launches in
-//! [`campaigns`], the read model of other services' events in [`read_model`],
+//! [`campaigns`], lifecycle triggers in [`triggers`], the read model of other services' events in [`read_model`],
 //! background loops in [`jobs`].
 
 pub mod api;
@@ -16,6 +16,7 @@ pub mod read_model;
 pub mod settings;
 pub mod tasks;
 pub mod templates;
+pub mod triggers;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -226,7 +227,13 @@ pub fn spawn_workers(kit: &mut Kit, config: &OutreachConfig, parts: &Parts) {
         signal.clone(),
     ));
     kit.spawn(jobs::deliverer(parts.deliverer.clone(), pace, parts.deliver_wake.clone(), signal.clone()));
-    kit.spawn(jobs::clocks(kit.pg.clone(), parts.dispatch_wake.clone(), Duration::from_secs(1), signal));
+    kit.spawn(jobs::clocks(
+        kit.pg.clone(),
+        config.default_timezone,
+        parts.dispatch_wake.clone(),
+        Duration::from_secs(1),
+        signal,
+    ));
 }
 
 /// Wires and serves outreach: the read-model consumer, the outbox relay,

@@ -13,7 +13,7 @@
 use chrono::{DateTime, Utc};
 use crm_kit::consumer::{Event, EventHandler, HandlerError};
 use crm_kit::outbox::{self, Aggregate};
-use crm_proto::common::v1::{ChurnRiskLevel, ErasureConfirmed};
+use crm_proto::common::v1::{ChurnRiskLevel, ErasureConfirmed, Tier};
 use crm_proto::profiles::v1 as profiles;
 use crm_proto::segmentation::v1 as segmentation;
 use sqlx::PgConnection;
@@ -21,6 +21,7 @@ use uuid::Uuid;
 
 use crate::SERVICE;
 use crate::tasks::{self, NewTask};
+use crate::triggers;
 
 /// Applies profiles' and segmentation's events.
 #[derive(Debug, Clone, Default)]
@@ -100,8 +101,8 @@ impl ReadModel {
             sqlx::query(
                 "UPDATE customers SET spend_minor = spend_minor + $2, \
                  first_purchase_at = CASE WHEN $4 THEN LEAST(first_purchase_at, $3) ELSE first_purchase_at END, \
-                 last_purchase_at = CASE WHEN $4 THEN GREATEST(last_purchase_at, $3) ELSE last_purchase_at END \
-                 WHERE customer_id = $1",
+                 last_purchase_at = CASE WHEN $4 THEN GREATEST(last_purchase_at, $3) ELSE last_purchase_at END, \
+                 last_activity_at = GREATEST(last_activity_at, $3) WHERE customer_id = $1",
             )
             .bind(owner)
             .bind(signed)
@@ -113,13 +114,19 @@ impl ReadModel {
             let Some(x) = e.interaction else {
                 return Err(HandlerError::Permanent("InteractionRecorded without an interaction".into()));
             };
-            // OUT-5: a response ends the backoff.
-            if x.kind == profiles::InteractionKind::ContactResponse as i32 {
+            if x.direction != profiles::Direction::Outbound as i32 {
                 let owner = live(tx, id(&x.customer_id)?).await?;
-                sqlx::query("UPDATE customers SET unanswered_streak = 0 WHERE customer_id = $1")
-                    .bind(owner)
-                    .execute(&mut *tx)
-                    .await?;
+                // OUT-5: a response ends the backoff. OUT-4: any inbound activity ends a silence.
+                let response = x.kind == profiles::InteractionKind::ContactResponse as i32;
+                sqlx::query(
+                    "UPDATE customers SET unanswered_streak = CASE WHEN $3 THEN 0 ELSE unanswered_streak END, \
+                     last_activity_at = GREATEST(last_activity_at, $2) WHERE customer_id = $1",
+                )
+                .bind(owner)
+                .bind(time(x.occurred_at.as_ref()))
+                .bind(response)
+                .execute(&mut *tx)
+                .await?;
             }
         } else if let Some(e) = event.payload::<profiles::ConsentChanged>()? {
             let owner = live(tx, id(&e.customer_id)?).await?;
@@ -228,12 +235,17 @@ impl ReadModel {
     async fn segmentation(&self, tx: &mut PgConnection, event: &Event) -> Result<(), HandlerError> {
         if let Some(e) = event.payload::<segmentation::TierChanged>()? {
             let owner = live(tx, id(&e.customer_id)?).await?;
-            let tier = e.r#move.map(|m| m.to_tier).unwrap_or(0);
+            let (from, tier) = e.r#move.as_ref().map(|m| (m.from_tier, m.to_tier)).unwrap_or((0, 0));
             sqlx::query("UPDATE customers SET tier = $2 WHERE customer_id = $1")
                 .bind(owner)
                 .bind(tier as i16)
                 .execute(&mut *tx)
                 .await?;
+            // OUT-4: a tier change notice, or a win-back message for a customer turning DORMANT.
+            let tier_of = |t: i32| Tier::try_from(t).unwrap_or(Tier::Unspecified);
+            triggers::on_tier_change(tx, owner, tier_of(from), tier_of(tier), &event.envelope.event_id, Utc::now())
+                .await
+                .map_err(|e| HandlerError::Transient(e.to_string()))?;
         } else if let Some(e) = event.payload::<segmentation::ChurnRiskChanged>()? {
             let owner = live(tx, id(&e.customer_id)?).await?;
             let level = e.risk.as_ref().map(|r| r.level).unwrap_or(0);

@@ -73,18 +73,42 @@ pub async fn seed(pool: &sqlx::PgPool) -> Result<(), ApiError> {
         variables: vec!["feedback_id".into(), "name".into()],
         etag: String::new(),
     };
-    parse_bodies(&ack.bodies, "bodies")?;
-    sqlx::query(
-        "INSERT INTO templates (template_id, display_name, channel, content_type, purpose, bodies) VALUES ($1,$2,$3,$4,$5,$6) \
-         ON CONFLICT DO NOTHING",
-    )
-    .bind(crate::api::ACK_TEMPLATE)
-    .bind(&ack.display_name)
-    .bind(ack.channel as i16)
-    .bind(ack.content_type as i16)
-    .bind(ack.purpose as i16)
-    .bind(ack.encode_to_vec())
-    .execute(pool)
-    .await?;
+    let mut system = vec![(crate::api::ACK_TEMPLATE, ack)];
+    for t in crate::triggers::ALL {
+        let (name, zh, en) = t.texts;
+        system.push((
+            t.template,
+            pb::Template {
+                template_id: String::new(),
+                display_name: name.into(),
+                channel: crm_proto::common::v1::Channel::Sms as i32,
+                content_type: if t.purpose == crm_proto::common::v1::Purpose::Service {
+                    pb::ContentType::Service as i32
+                } else {
+                    pb::ContentType::BenefitMatch as i32
+                },
+                purpose: t.purpose as i32,
+                bodies: vec![body("zh-CN", "", zh), body("en", "", en)],
+                variables: Vec::new(),
+                etag: String::new(),
+            },
+        ));
+    }
+    for (id, mut t) in system {
+        let parsed = parse_bodies(&t.bodies, "bodies")?;
+        t.variables = crate::domain::template::variables_of(&parsed);
+        sqlx::query(
+            "INSERT INTO templates (template_id, display_name, channel, content_type, purpose, bodies) VALUES ($1,$2,$3,$4,$5,$6) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(id)
+        .bind(&t.display_name)
+        .bind(t.channel as i16)
+        .bind(t.content_type as i16)
+        .bind(t.purpose as i16)
+        .bind(t.encode_to_vec())
+        .execute(pool)
+        .await?;
+    }
     Ok(())
 }

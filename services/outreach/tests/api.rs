@@ -216,7 +216,10 @@ async fn a_campaign_with_ab_variants_and_a_holdout_runs_from_draft_to_outcomes()
     assert_eq!(preview.variant_sizes.values().sum::<i64>(), contacted);
     assert_eq!(preview.suppressed_estimate, 0, "everyone consented");
     let gold_wechat = preview.cost_estimate.as_ref().expect("cost").amount_minor - 20 * contacted;
-    assert!(gold_wechat > 0 && gold_wechat % 60 == 0, "gold customers of variant A go by WeChat (0.80, not 0.20): {preview:?}");
+    assert!(
+        gold_wechat > 0 && gold_wechat % 60 == 0,
+        "gold customers of variant A go by WeChat (0.80, not 0.20): {preview:?}"
+    );
 
     // OUT-3: illegal transitions are refused; DRAFT -> RUNNING launches.
     let illegal = admin
