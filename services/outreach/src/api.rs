@@ -44,7 +44,7 @@ pub struct OutreachApi {
     pg: PgPool,
     default_tz: Tz,
     wake: Arc<Notify>,
-    webhook_configured: bool,
+    adapters: Vec<String>,
 }
 
 fn parse_id(field: &str, value: &str) -> Result<Uuid, ApiError> {
@@ -114,8 +114,8 @@ fn check_etag(given: &str, version: i64) -> Result<(), ApiError> {
 
 impl OutreachApi {
     /// An API over the pool; `wake` tells the delivery worker there is work.
-    pub fn new(pg: PgPool, default_tz: Tz, wake: Arc<Notify>, webhook_configured: bool) -> Self {
-        Self { pg, default_tz, wake, webhook_configured }
+    pub fn new(pg: PgPool, default_tz: Tz, wake: Arc<Notify>, adapters: Vec<String>) -> Self {
+        Self { pg, default_tz, wake, adapters }
     }
 
     // ---- channels -------------------------------------------------------
@@ -152,11 +152,13 @@ impl OutreachApi {
             }
         }
         if paths.iter().any(|p| p == "adapter") {
+            let configured = self.adapters.contains(&c.adapter);
             match c.adapter.as_str() {
-                "log" => {}
-                "webhook" if self.webhook_configured => {}
+                "smtp" if ch != Some(Channel::Email) => v.add("channel.adapter", "smtp delivers e-mail only"),
+                "log" | "webhook" | "smtp" if configured => {}
                 "webhook" => v.add("channel.adapter", "the webhook adapter needs OUTREACH_WEBHOOK_URL on the service"),
-                _ => v.add("channel.adapter", "must be \"log\" or \"webhook\""),
+                "smtp" => v.add("channel.adapter", "the smtp adapter needs OUTREACH_SMTP_RELAY on the service"),
+                _ => v.add("channel.adapter", "must be \"log\", \"webhook\" or \"smtp\""),
             }
         }
         v.into_result()?;

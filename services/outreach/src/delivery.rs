@@ -30,6 +30,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::SERVICE;
+use crate::directory::Directory;
 use crate::domain::{campaign, channel, template};
 use crate::messages::{COLUMNS, MessageRow, state};
 
@@ -44,6 +45,10 @@ pub struct Outbound {
     pub channel: &'static str,
     /// Campaign, if any.
     pub campaign_id: Option<Uuid>,
+    /// Address on the channel: the phone for SMS, the e-mail for e-mail;
+    /// empty where the provider addresses by customer id (push, WeChat,
+    /// community) or without a directory.
+    pub to: String,
     /// Rendered subject.
     pub subject: String,
     /// Rendered body.
@@ -190,6 +195,9 @@ pub struct Deliverer {
     pub max_attempts: i32,
     /// First retry delay; doubles per attempt.
     pub backoff: Duration,
+    /// Names and addresses from profiles; without it messages greet
+    /// generically and carry no address.
+    pub directory: Option<Arc<dyn Directory>>,
 }
 
 /// Exponential backoff for `attempts` so far, capped at an hour.
@@ -213,6 +221,28 @@ impl Deliverer {
             return Ok(0);
         }
         let n = leased.len();
+        let mut leased = leased;
+        let mut contacts = HashMap::new();
+        if let Some(directory) = &self.directory {
+            let ids: Vec<Uuid> = leased.iter().map(|l| l.row.customer_id).collect();
+            match directory.lookup(&ids).await {
+                Ok(found) => contacts = found,
+                Err(e) => {
+                    // Profiles unreachable: every message of the batch waits for a retry.
+                    let results = leased.into_iter().map(|l| (l.row, Err(SendError::Transient(e.clone())))).collect();
+                    self.settle(results, Vec::new()).await?;
+                    return Ok(n);
+                }
+            }
+            for l in &mut leased {
+                match contacts.get(&l.row.customer_id) {
+                    Some(c) if !c.name.is_empty() => {
+                        l.values.insert("name".into(), c.name.clone());
+                    }
+                    _ => {}
+                }
+            }
+        }
         let mut results = Vec::with_capacity(n);
         let mut personal = Vec::new();
         let mut pending = Vec::new();
@@ -231,9 +261,14 @@ impl Deliverer {
                     Ok((subject, body))
                 });
             let adapter = self.adapters.get(&l.adapter).cloned();
-            pending.push((l, rendered, adapter, ch));
+            let to = match (ch, contacts.get(&l.row.customer_id)) {
+                (Channel::Sms, Some(c)) => c.phone.clone(),
+                (Channel::Email, Some(c)) => c.email.clone(),
+                _ => String::new(),
+            };
+            pending.push((l, rendered, adapter, ch, to));
         }
-        let sends = pending.into_iter().map(|(l, rendered, adapter, ch)| async move {
+        let sends = pending.into_iter().map(|(l, rendered, adapter, ch, to)| async move {
             let result = match (rendered, adapter) {
                 (Err(e), _) => Err(e),
                 (_, None) => Err(SendError::Transient(format!("adapter {:?} is not configured", l.adapter))),
@@ -243,6 +278,7 @@ impl Deliverer {
                         customer_id: l.row.customer_id,
                         channel: ch.as_str_name(),
                         campaign_id: l.row.campaign_id,
+                        to,
                         subject,
                         body,
                     };

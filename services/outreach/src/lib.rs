@@ -8,12 +8,14 @@
 pub mod api;
 pub mod campaigns;
 pub mod delivery;
+pub mod directory;
 pub mod dispatch;
 pub mod domain;
 pub mod jobs;
 pub mod messages;
 pub mod read_model;
 pub mod settings;
+pub mod smtp;
 pub mod tasks;
 pub mod templates;
 pub mod triggers;
@@ -67,6 +69,14 @@ pub const OUTREACH_VARS: &[VarSpec] = &[
         secret: true,
     },
     var("OUTREACH_WEBHOOK_TIMEOUT_MS", "5000", "Timeout of one webhook call."),
+    var(
+        "OUTREACH_PROFILES_URL",
+        "",
+        "profiles' gRPC URL, for names and addresses at send time (audited unmasked reads); unset: generic greeting, no address.",
+    ),
+    var("OUTREACH_SMTP_RELAY", "", "host:port of the SMTP relay of the smtp adapter (e-mail); unset disables it."),
+    var("OUTREACH_SMTP_FROM", "crm@localhost", "Sender address of e-mails."),
+    var("OUTREACH_SMTP_TIMEOUT_MS", "10000", "Timeout of one SMTP session."),
 ];
 
 /// What the kit needs to run outreach.
@@ -99,6 +109,10 @@ pub struct OutreachConfig {
     pub webhook: Option<(http::Uri, Vec<u8>)>,
     /// `OUTREACH_WEBHOOK_TIMEOUT_MS`.
     pub webhook_timeout: Duration,
+    /// `OUTREACH_PROFILES_URL`.
+    pub profiles_url: Option<String>,
+    /// `OUTREACH_SMTP_*`.
+    pub smtp: Option<smtp::Smtp>,
 }
 
 impl OutreachConfig {
@@ -135,8 +149,28 @@ impl OutreachConfig {
             lease: env.millis("OUTREACH_DELIVERY_LEASE_MS", 60_000)?,
             webhook,
             webhook_timeout: env.millis("OUTREACH_WEBHOOK_TIMEOUT_MS", 5000)?,
+            profiles_url: match env.raw("OUTREACH_PROFILES_URL").filter(|u| !u.is_empty()) {
+                None => None,
+                Some(_) => Some(env.url("OUTREACH_PROFILES_URL", "", &["http", "https"])?),
+            },
+            smtp: match env.raw("OUTREACH_SMTP_RELAY").filter(|r| !r.is_empty()) {
+                None => None,
+                Some(relay) => Some(smtp_config(env, relay)?),
+            },
         })
     }
+}
+
+fn smtp_config(env: &Env, relay: String) -> Result<smtp::Smtp, ConfigError> {
+    let port = relay.rsplit_once(':').filter(|(h, _)| !h.is_empty()).and_then(|(_, p)| p.parse::<u16>().ok());
+    if port.is_none() {
+        return Err(ConfigError::new("OUTREACH_SMTP_RELAY", Some(&relay), "must be host:port"));
+    }
+    let from = env.raw("OUTREACH_SMTP_FROM").unwrap_or_else(|| "crm@localhost".into());
+    if !from.contains('@') || from.contains(['<', '>', ' ', '\r', '\n']) {
+        return Err(ConfigError::new("OUTREACH_SMTP_FROM", Some(&from), "must be a plain e-mail address"));
+    }
+    Ok(smtp::Smtp { relay, from, timeout: env.millis("OUTREACH_SMTP_TIMEOUT_MS", 10_000)? })
 }
 
 /// Who may call what (SEC-1); the roles are also in the contract's comments.
@@ -195,22 +229,33 @@ pub fn build(kit: &Kit, config: &OutreachConfig) -> Parts {
     let mut adapters: HashMap<String, Arc<dyn delivery::Adapter>> = HashMap::new();
     adapters.insert("log".into(), Arc::new(delivery::Sink::new(kit.pg.clone())));
     if let Some((url, secret)) = &config.webhook {
-        adapters.insert(
-            "webhook".into(),
-            Arc::new(delivery::Webhook::new(url.clone(), secret.clone(), config.webhook_timeout)),
-        );
+        let webhook = delivery::Webhook::new(url.clone(), secret.clone(), config.webhook_timeout);
+        adapters.insert("webhook".into(), Arc::new(webhook));
     }
+    if let Some(smtp) = &config.smtp {
+        adapters.insert("smtp".into(), Arc::new(smtp.clone()));
+    }
+    let directory: Option<Arc<dyn directory::Directory>> = config.profiles_url.as_deref().and_then(|url| {
+        match directory::ProfilesDirectory::new(url, crm_kit::client::Outgoing::new(&kit.auth, SERVICE)) {
+            Ok(d) => Some(Arc::new(d) as Arc<dyn directory::Directory>),
+            Err(e) => {
+                tracing::error!(error = %e, "OUTREACH_PROFILES_URL unusable: messages carry no names or addresses");
+                None
+            }
+        }
+    });
+    let configured: Vec<String> = adapters.keys().cloned().collect();
     let deliverer = delivery::Deliverer {
         pool: kit.pg.clone(),
         adapters,
         lease: config.lease,
         max_attempts: config.max_attempts,
         backoff: config.backoff,
+        directory,
     };
     let deliver_wake = Arc::new(Notify::new());
     let dispatch_wake = Arc::new(Notify::new());
-    let api =
-        api::OutreachApi::new(kit.pg.clone(), config.default_timezone, deliver_wake.clone(), config.webhook.is_some());
+    let api = api::OutreachApi::new(kit.pg.clone(), config.default_timezone, deliver_wake.clone(), configured);
     Parts { api, deliverer, dispatch_wake, deliver_wake }
 }
 

@@ -244,6 +244,7 @@ async fn a_sender_killed_after_the_provider_call_neither_double_sends_nor_loses(
         lease: Duration::from_millis(500),
         max_attempts: 5,
         backoff: Duration::from_millis(10),
+        directory: None,
     };
     let first = deliverer(dying);
     let crashed = tokio::spawn(async move { first.deliver_due(100).await });
