@@ -67,11 +67,19 @@ pub enum SendError {
 /// A channel adapter (OUT-1).
 pub trait Adapter: Send + Sync {
     /// Delivers `message`; a repeated idempotency key must not deliver twice.
-    fn send<'a>(
-        &'a self,
-        message: &'a Outbound,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), SendError>> + Send + 'a>>;
+    fn send<'a>(&'a self, message: &'a Outbound) -> Sending<'a>;
+
+    /// Delivers several messages, a result per message in order. The default
+    /// sends them concurrently one by one; adapters with a batch API override it.
+    fn send_many<'a>(&'a self, messages: &'a [Outbound]) -> SendingMany<'a> {
+        Box::pin(futures_util::future::join_all(messages.iter().map(|m| self.send(m))))
+    }
 }
+
+/// The future of one delivery.
+pub type Sending<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), SendError>> + Send + 'a>>;
+/// The future of a batch of deliveries.
+pub type SendingMany<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Vec<Result<(), SendError>>> + Send + 'a>>;
 
 /// The development adapter: logs the message and records it in
 /// `sink_deliveries`, which plays the provider (one row per key; `calls`
@@ -89,26 +97,40 @@ impl Sink {
 }
 
 impl Adapter for Sink {
-    fn send<'a>(
-        &'a self,
-        m: &'a Outbound,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), SendError>> + Send + 'a>> {
+    fn send<'a>(&'a self, m: &'a Outbound) -> Sending<'a> {
+        Box::pin(async move { self.send_many(std::slice::from_ref(m)).await.pop().unwrap_or(Ok(())) })
+    }
+
+    /// One statement for the whole batch.
+    fn send_many<'a>(&'a self, ms: &'a [Outbound]) -> SendingMany<'a> {
         Box::pin(async move {
-            tracing::info!(message_id = %m.idempotency_key, channel = m.channel, "sink delivery");
-            sqlx::query(
+            for m in ms {
+                tracing::debug!(message_id = %m.idempotency_key, channel = m.channel, "sink delivery");
+            }
+            let keys: Vec<Uuid> = ms.iter().map(|m| m.idempotency_key).collect();
+            let customers: Vec<Uuid> = ms.iter().map(|m| m.customer_id).collect();
+            let channels: Vec<i16> =
+                ms.iter().map(|m| Channel::from_str_name(m.channel).map(|c| c as i16).unwrap_or(0)).collect();
+            let campaigns: Vec<Option<Uuid>> = ms.iter().map(|m| m.campaign_id).collect();
+            let subjects: Vec<&str> = ms.iter().map(|m| m.subject.as_str()).collect();
+            let bodies: Vec<&str> = ms.iter().map(|m| m.body.as_str()).collect();
+            let done = sqlx::query(
                 "INSERT INTO sink_deliveries (idempotency_key, customer_id, channel, campaign_id, subject, body) \
-                 VALUES ($1, $2, (SELECT channel FROM messages WHERE message_id = $1), $3, $4, $5) \
+                 SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::smallint[], $4::uuid[], $5::text[], $6::text[]) \
                  ON CONFLICT (idempotency_key) DO UPDATE SET calls = sink_deliveries.calls + 1",
             )
-            .bind(m.idempotency_key)
-            .bind(m.customer_id)
-            .bind(m.campaign_id)
-            .bind(&m.subject)
-            .bind(&m.body)
+            .bind(&keys)
+            .bind(&customers)
+            .bind(&channels)
+            .bind(&campaigns)
+            .bind(&subjects)
+            .bind(&bodies)
             .execute(&self.pool)
-            .await
-            .map(|_| ())
-            .map_err(|e| SendError::Transient(e.to_string()))
+            .await;
+            match done {
+                Ok(_) => ms.iter().map(|_| Ok(())).collect(),
+                Err(e) => ms.iter().map(|_| Err(SendError::Transient(e.to_string()))).collect(),
+            }
         })
     }
 }
@@ -151,10 +173,7 @@ impl Webhook {
 }
 
 impl Adapter for Webhook {
-    fn send<'a>(
-        &'a self,
-        m: &'a Outbound,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), SendError>> + Send + 'a>> {
+    fn send<'a>(&'a self, m: &'a Outbound) -> Sending<'a> {
         Box::pin(async move {
             let body = serde_json::to_vec(m).map_err(|e| SendError::Permanent(e.to_string()))?;
             let t = Utc::now().timestamp();
@@ -205,6 +224,9 @@ pub fn retry_delay(first: Duration, attempts: i32) -> Duration {
     let factor = 1u32 << attempts.clamp(1, 16).saturating_sub(1);
     (first * factor).min(Duration::from_secs(3600))
 }
+
+/// An adapter with the messages it gets in one call.
+type AdapterBatch = (Arc<dyn Adapter>, Vec<MessageRow>, Vec<Outbound>);
 
 struct Leased {
     row: MessageRow,
@@ -268,10 +290,15 @@ impl Deliverer {
             };
             pending.push((l, rendered, adapter, ch, to));
         }
-        let sends = pending.into_iter().map(|(l, rendered, adapter, ch, to)| async move {
-            let result = match (rendered, adapter) {
-                (Err(e), _) => Err(e),
-                (_, None) => Err(SendError::Transient(format!("adapter {:?} is not configured", l.adapter))),
+        // Per adapter, one batch call; rendering problems and missing adapters fail at once.
+        let mut batches: HashMap<String, AdapterBatch> = HashMap::new();
+        for (l, rendered, adapter, ch, to) in pending {
+            match (rendered, adapter) {
+                (Err(e), _) => results.push((l.row, Err(e))),
+                (_, None) => {
+                    let e = SendError::Transient(format!("adapter {:?} is not configured", l.adapter));
+                    results.push((l.row, Err(e)));
+                }
                 (Ok((subject, body)), Some(adapter)) => {
                     let out = Outbound {
                         idempotency_key: l.row.message_id,
@@ -282,12 +309,16 @@ impl Deliverer {
                         subject,
                         body,
                     };
-                    adapter.send(&out).await
+                    let entry = batches.entry(l.adapter.clone()).or_insert_with(|| (adapter, Vec::new(), Vec::new()));
+                    entry.1.push(l.row);
+                    entry.2.push(out);
                 }
-            };
-            (l.row, result)
-        });
-        results.extend(futures_util::future::join_all(sends).await);
+            }
+        }
+        for (_, (adapter, rows, outs)) in batches {
+            let sent = adapter.send_many(&outs).await;
+            results.extend(rows.into_iter().zip(sent));
+        }
         self.settle(results, personal).await?;
         Ok(n)
     }

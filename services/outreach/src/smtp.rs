@@ -13,7 +13,7 @@ use base64::Engine;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
-use crate::delivery::{Adapter, Outbound, SendError};
+use crate::delivery::{Adapter, Outbound, SendError, Sending};
 
 /// An SMTP relay.
 #[derive(Debug, Clone)]
@@ -112,10 +112,7 @@ impl Smtp {
 }
 
 impl Adapter for Smtp {
-    fn send<'a>(
-        &'a self,
-        m: &'a Outbound,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), SendError>> + Send + 'a>> {
+    fn send<'a>(&'a self, m: &'a Outbound) -> Sending<'a> {
         Box::pin(async move {
             tokio::time::timeout(self.timeout, self.session(m))
                 .await

@@ -204,10 +204,7 @@ struct DiesAfterProviderCall {
 }
 
 impl Adapter for DiesAfterProviderCall {
-    fn send<'a>(
-        &'a self,
-        m: &'a Outbound,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), SendError>> + Send + 'a>> {
+    fn send<'a>(&'a self, m: &'a Outbound) -> crm_outreach::delivery::Sending<'a> {
         Box::pin(async move {
             self.sink.send(m).await?;
             self.calls.fetch_add(1, Ordering::SeqCst);
