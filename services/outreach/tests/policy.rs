@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crm_kit::Role;
-use crm_outreach::delivery::{Adapter, Deliverer, Outbound, SendError, Sink};
+use crm_outreach::delivery::{Adapter, Deliverer, Outbound, Sink};
 use crm_proto::outreach::v1 as pb;
 use crm_proto::outreach::v1::outreach_service_client::OutreachServiceClient;
 use uuid::Uuid;
