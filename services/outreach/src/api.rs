@@ -1140,7 +1140,9 @@ impl OutreachApi {
                 format!("a {} campaign cannot become {}", from.as_str_name(), target.as_str_name()),
             ));
         }
-        // SCHEDULED waits for its time; RUNNING launches now (the first time).
+        // SCHEDULED waits for its time. RUNNING is launched (the first time) by
+        // the campaign clock of any replica within a second, so that a large
+        // audience does not hold this call (OUT-3).
         let at = match c.schedule.as_ref().and_then(|s| s.when.as_ref()) {
             Some(pb::schedule::When::At(t)) => time(t),
             _ => None,
@@ -1148,6 +1150,7 @@ impl OutreachApi {
         let now = Utc::now();
         let next_run = match target {
             pb::CampaignState::Scheduled => Some(at.unwrap_or(now)),
+            pb::CampaignState::Running => Some(now),
             _ => None,
         };
         sqlx::query("UPDATE campaigns SET state = $2, next_run_at = $3, version = version + 1, updated_at = now() WHERE campaign_id = $1")
@@ -1156,17 +1159,6 @@ impl OutreachApi {
             .bind(next_run)
             .execute(&mut *tx)
             .await?;
-        if target == pb::CampaignState::Running {
-            let launched: Option<DateTime<Utc>> =
-                sqlx::query_scalar("SELECT launched_at FROM campaigns WHERE campaign_id = $1")
-                    .bind(id)
-                    .fetch_one(&mut *tx)
-                    .await?;
-            if launched.is_none() {
-                let control = settings::load_policy(&mut tx).await?.global_control_percent;
-                campaigns::launch(&mut tx, id, &c, control, now).await?;
-            }
-        }
         if matches!(target, pb::CampaignState::Cancelled | pb::CampaignState::Completed) {
             let rule = if target == pb::CampaignState::Cancelled { "CAMPAIGN_CANCELLED" } else { "CAMPAIGN_COMPLETED" };
             sqlx::query(
