@@ -4,7 +4,7 @@ CARGO ?= cargo
 # Every service with a binary under services/ (crm-<name>).
 SERVICES := $(notdir $(patsubst %/src/main.rs,%,$(wildcard services/*/src/main.rs)))
 
-.PHONY: help test lint fmt run stop logs token datagen bench bench-segmentation backing-services clean-local
+.PHONY: help test lint fmt run stop logs token datagen bench bench-segmentation bench-outreach backing-services clean-local
 
 help:
 	@echo "make test      run every test (starts PostgreSQL and Redis if needed)"
@@ -16,6 +16,7 @@ help:
 	@echo "make datagen   write generated CSV data to target/data (CUSTOMERS=, SEED=)"
 	@echo "make bench     benchmarks against raw baselines in the same run (not part of make test; BENCHMARKS.md)"
 	@echo "make bench-segmentation  segmentation recompute vs the bare aggregate query (BENCH_RECOMPUTE_CUSTOMERS=)"
+	@echo "make bench-outreach  a campaign through the contact policy on two replicas, with a violation checker (BENCH_OUTREACH_CUSTOMERS=)"
 
 backing-services:
 	@bash scripts/ensure-backing-services.sh
@@ -58,3 +59,7 @@ bench: backing-services
 bench-segmentation: backing-services
 	$(CARGO) build --release --locked -q -p crm-bench
 	RUST_LOG=warn ./target/release/crm-bench --recompute $${BENCH_RECOMPUTE_CUSTOMERS:-1000000} | tee target/bench-segmentation-latest.md
+
+bench-outreach: backing-services
+	$(CARGO) build --release --locked -q -p crm-bench
+	RUST_LOG=warn ./target/release/crm-bench --outreach $${BENCH_OUTREACH_CUSTOMERS:-1000000} | tee target/bench-outreach-latest.md

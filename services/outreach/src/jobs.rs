@@ -93,6 +93,8 @@ pub async fn deliverer(d: Deliverer, pace: Pace, wake: Arc<Notify>, signal: Shut
 /// with nothing left to send.
 pub async fn campaign_clock(pool: &PgPool, wake: &Notify) -> Result<(), crm_kit::ApiError> {
     let mut tx = pool.begin().await?;
+    // Launching a large audience is background work: not bound by the request statement timeout.
+    sqlx::query("SET LOCAL statement_timeout = '15min'").execute(&mut *tx).await?;
     // SCHEDULED ones whose time has come, and RUNNING ones not launched yet.
     let due: Vec<(Uuid, Vec<u8>, Option<chrono::DateTime<Utc>>)> = sqlx::query_as(
         "SELECT campaign_id, spec, launched_at FROM campaigns WHERE next_run_at <= now() \

@@ -8,7 +8,13 @@
 //!   the scheduled send time, so queueing in the load tool is not hidden);
 //! - bulk import of generated customers vs PostgreSQL COPY of the same rows.
 //!
+//! outreach (issue 5): a campaign through the sink with every policy check on,
+//! two replicas, vs a bare INSERT of the delivery log, and a policy checker.
+//!
 //! Usage: crm-bench [--customers N] [--seconds S] [--reads-only | --import-only]
+//!        crm-bench --outreach N | --recompute N | --consume N
+
+mod outreach;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -298,6 +304,7 @@ async fn main() {
     let mut import_only = false;
     let mut recompute_customers: Option<usize> = None;
     let mut consume_events: Option<usize> = None;
+    let mut outreach_customers: Option<usize> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -307,12 +314,17 @@ async fn main() {
             "--import-only" => import_only = true,
             "--recompute" => recompute_customers = args.next().and_then(|v| v.parse().ok()),
             "--consume" => consume_events = args.next().and_then(|v| v.parse().ok()),
+            "--outreach" => outreach_customers = args.next().and_then(|v| v.parse().ok()),
             other => panic!("unknown argument {other}"),
         }
     }
     let duration = Duration::from_secs(seconds);
     if let Some(n) = recompute_customers {
         recompute_vs_floor(n).await;
+        return;
+    }
+    if let Some(n) = outreach_customers {
+        outreach::campaign(n).await;
         return;
     }
     if let Some(n) = consume_events {
