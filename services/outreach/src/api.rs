@@ -512,7 +512,7 @@ impl OutreachApi {
             .bind(now + Duration::days(campaigns::MESSAGE_LIFETIME_DAYS))
             .fetch_one(&mut *tx)
             .await?;
-        let (tally, _) = dispatch::decide(&mut tx, vec![row], self.default_tz, now).await?;
+        let (tally, _) = dispatch::decide(&mut tx, vec![row], self.default_tz, now, None).await?;
         let row = self.message_in(&mut tx, id).await?;
         let out = pb::SendMessageResponse { message: Some(row.to_wire()) };
         fresh.complete(&mut tx, &out).await?;

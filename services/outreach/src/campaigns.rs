@@ -42,29 +42,28 @@ fn filters(spec: &pb::Campaign) -> Result<Filters, ApiError> {
     Ok((segments, spec.tier_filter.iter().map(|t| *t as i16).collect(), spec.tag_filter.clone()))
 }
 
-/// Cumulative variant edges (0..10 000) and names.
+/// Variant names and the lower edge (0..10 000) of each one's share.
 fn variant_edges(spec: &pb::Campaign) -> (Vec<String>, Vec<i64>) {
     let mut edge = 0i64;
     let mut names = Vec::new();
-    let mut edges = Vec::new();
+    let mut lower = Vec::new();
     for v in &spec.variants {
-        edge += v.traffic_percent as i64 * 100;
         names.push(v.name.clone());
-        edges.push(edge);
+        lower.push(edge);
+        edge += v.traffic_percent as i64 * 100;
     }
-    if let Some(last) = edges.last_mut() {
-        *last = 10_000;
-    }
-    (names, edges)
+    (names, lower)
 }
 
-/// SQL of the group of each audience member: $5 holdout buckets, $6 control
-/// buckets, $7 variant names, $8 edges.
-fn group_sql() -> String {
+/// SQL of the audience with each member's group, as a derived table
+/// `a(customer_id, tier, open_complaints, g)`: $5 holdout buckets, $6 control
+/// buckets, $7 variant names, $8 their lower edges. Each bucket is computed once.
+fn grouped_audience() -> String {
     format!(
-        "CASE WHEN {CONTROL_BUCKET} < $6 THEN 'global_control' WHEN {BUCKET} < $5 THEN 'holdout' ELSE \
-         (SELECT n FROM UNNEST($7::text[], $8::bigint[]) AS v(n, e) \
-          WHERE ({BUCKET} - $5) * 10000 / GREATEST(10000 - $5, 1) < e ORDER BY e LIMIT 1) END"
+        "(SELECT customer_id, tier, open_complaints, \
+           CASE WHEN cb < $6 THEN 'global_control' WHEN b < $5 THEN 'holdout' \
+                ELSE ($7::text[])[width_bucket((b - $5) * 10000 / GREATEST(10000 - $5, 1), $8::bigint[])] END AS g \
+         FROM (SELECT c.customer_id, c.tier, c.open_complaints, {BUCKET} AS b, {CONTROL_BUCKET} AS cb {AUDIENCE}) c) a"
     )
 }
 
@@ -82,8 +81,8 @@ pub async fn preview(
     let (names, edges) = variant_edges(spec);
     let plan = Plan::of(spec);
     let sql = format!(
-        "WITH a AS (SELECT c.customer_id, c.tier, c.open_complaints, {} AS g {AUDIENCE}),          x AS (SELECT a.*, (SELECT p.ch FROM UNNEST($9::text[], $10::smallint[], $11::smallint[]) AS p(v, t, ch)                             WHERE p.v = a.g AND (p.t = a.tier OR p.t = 0) ORDER BY p.t DESC LIMIT 1) AS ch FROM a)          SELECT x.g, x.ch, count(*), count(*) FILTER (WHERE x.open_complaints > 0 OR NOT COALESCE(              (SELECT CASE WHEN $12 = 1 THEN k.granted ELSE k.granted AND (k.expires_at IS NULL OR k.expires_at > now()) END               FROM consents k WHERE k.customer_id = x.customer_id AND k.channel = x.ch AND k.purpose = $12), $12 = 1))          FROM x GROUP BY x.g, x.ch",
-        group_sql()
+        "WITH a AS (SELECT * FROM {}),          x AS (SELECT a.*, (SELECT p.ch FROM UNNEST($9::text[], $10::smallint[], $11::smallint[]) AS p(v, t, ch)                             WHERE p.v = a.g AND (p.t = a.tier OR p.t = 0) ORDER BY p.t DESC LIMIT 1) AS ch FROM a)          SELECT x.g, x.ch, count(*), count(*) FILTER (WHERE x.open_complaints > 0 OR NOT COALESCE(              (SELECT CASE WHEN $12 = 1 THEN k.granted ELSE k.granted AND (k.expires_at IS NULL OR k.expires_at > now()) END               FROM consents k WHERE k.customer_id = x.customer_id AND k.channel = x.ch AND k.purpose = $12), $12 = 1))          FROM x GROUP BY x.g, x.ch",
+        grouped_audience()
     );
     let rows: Vec<(Option<String>, Option<i16>, i64, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
         .bind(id)
@@ -167,8 +166,8 @@ pub async fn launch(
     let (names, edges) = variant_edges(spec);
     let sql = format!(
         "INSERT INTO campaign_assignments (campaign_id, customer_id, grp, tier, assigned_at) \
-         SELECT $1, c.customer_id, {}, c.tier, $9 {AUDIENCE} ON CONFLICT DO NOTHING",
-        group_sql()
+         SELECT $1, a.customer_id, a.g, a.tier, $9 FROM {} ON CONFLICT DO NOTHING",
+        grouped_audience()
     );
     let assigned = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(id)
@@ -188,25 +187,32 @@ pub async fn launch(
     let expires = now + Duration::days(MESSAGE_LIFETIME_DAYS);
     let purpose =
         if spec.purpose == 0 { crm_proto::common::v1::Purpose::Marketing as i16 } else { spec.purpose as i16 };
-    sqlx::query(
-        "INSERT INTO messages (message_id, customer_id, channel, template_id, campaign_id, variant, purpose, state, due_at, expires_at, locale) \
-         SELECT gen_random_uuid(), a.customer_id, p.ch, p.tpl, $1, a.grp, $2, $3, $4, $5, '' \
-         FROM campaign_assignments a \
-         JOIN LATERAL (SELECT ch, tpl FROM UNNEST($6::text[], $7::smallint[], $8::smallint[], $9::uuid[]) AS p(v, t, ch, tpl) \
-                       WHERE p.v = a.grp AND (p.t = a.tier OR p.t = 0) ORDER BY p.t DESC LIMIT 1) p ON true \
-         WHERE a.campaign_id = $1 ON CONFLICT DO NOTHING",
-    )
-    .bind(id)
-    .bind(purpose)
-    .bind(state::QUEUED)
-    .bind(now)
-    .bind(expires)
-    .bind(&plan.variants)
-    .bind(&plan.tiers)
-    .bind(&plan.channels)
-    .bind(&plan.templates)
-    .execute(&mut *tx)
-    .await?;
+    // One statement per plan row: a tier's own plan, or the variant's default
+    // (tier 0) for the tiers without one.
+    for i in 0..plan.variants.len() {
+        let own_plans: Vec<i16> = (0..plan.variants.len())
+            .filter(|j| plan.variants[*j] == plan.variants[i] && plan.tiers[*j] != 0)
+            .map(|j| plan.tiers[j])
+            .collect();
+        sqlx::query(
+            "INSERT INTO messages (message_id, customer_id, channel, template_id, campaign_id, variant, purpose, state, due_at, expires_at, locale) \
+             SELECT gen_random_uuid(), a.customer_id, $6, $7, $1, a.grp, $2, $3, $4, $5, '' FROM campaign_assignments a \
+             WHERE a.campaign_id = $1 AND a.grp = $8 AND CASE WHEN $9 = 0 THEN NOT (a.tier = ANY($10)) ELSE a.tier = $9 END \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(id)
+        .bind(purpose)
+        .bind(state::QUEUED)
+        .bind(now)
+        .bind(expires)
+        .bind(plan.channels[i])
+        .bind(plan.templates[i])
+        .bind(&plan.variants[i])
+        .bind(plan.tiers[i])
+        .bind(&own_plans)
+        .execute(&mut *tx)
+        .await?;
+    }
     // Held-out customers are recorded but never contacted (OUT-3).
     let first_template = plan.templates.first().copied().unwrap_or_default();
     let first_channel = plan.channels.first().copied().unwrap_or_default();

@@ -239,6 +239,25 @@ impl Deliverer {
     /// Delivers up to `limit` approved messages; returns how many it handled.
     pub async fn deliver_due(&self, limit: i64) -> Result<usize, ApiError> {
         let leased = self.lease(limit).await?;
+        self.deliver(leased).await
+    }
+
+    /// Delivers messages the caller approved and leased to this replica in
+    /// the same transaction (the dispatcher's fast path: no second lease).
+    pub async fn deliver_approved(&self, ids: &[Uuid]) -> Result<usize, ApiError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let mut tx = self.pool.begin().await?;
+        let sql = format!("SELECT {COLUMNS} FROM messages WHERE message_id = ANY($1) AND state = $2");
+        let rows: Vec<MessageRow> =
+            sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(ids).bind(state::APPROVED).fetch_all(&mut *tx).await?;
+        let leased = self.prepare(&mut tx, rows).await?;
+        tx.commit().await?;
+        self.deliver(leased).await
+    }
+
+    async fn deliver(&self, leased: Vec<Leased>) -> Result<usize, ApiError> {
         if leased.is_empty() {
             return Ok(0);
         }
@@ -326,11 +345,12 @@ impl Deliverer {
     async fn lease(&self, limit: i64) -> Result<Vec<Leased>, ApiError> {
         let mut tx = self.pool.begin().await?;
         let sql = format!(
-            "WITH due AS (SELECT message_id FROM messages WHERE state = $1 AND due_at <= now() \
-               AND (lease_until IS NULL OR lease_until < now()) ORDER BY due_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
-             UPDATE messages m SET lease_until = now() + $3 * interval '1 millisecond', attempts = attempts + 1 \
-             FROM due WHERE m.message_id = due.message_id RETURNING {}",
-            COLUMNS.split(", ").map(|c| format!("m.{c}")).collect::<Vec<_>>().join(", ")
+            // `= ANY(ARRAY(...))` keeps the update on the primary key whatever the
+            // statistics say (a fresh campaign makes the table grow fast).
+            "UPDATE messages SET lease_until = now() + $3 * interval '1 millisecond', attempts = attempts + 1 \
+             WHERE message_id = ANY(ARRAY(SELECT message_id FROM messages WHERE state = $1 AND due_at <= now() \
+               AND (lease_until IS NULL OR lease_until < now()) ORDER BY due_at LIMIT $2 FOR UPDATE SKIP LOCKED)) \
+             RETURNING {COLUMNS}"
         );
         let rows: Vec<MessageRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
             .bind(state::APPROVED)
@@ -338,6 +358,16 @@ impl Deliverer {
             .bind(self.lease.as_millis() as f64)
             .fetch_all(&mut *tx)
             .await?;
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let leased = self.prepare(&mut tx, rows).await?;
+        tx.commit().await?;
+        Ok(leased)
+    }
+
+    /// What rendering needs: templates, offer values, campaign names, adapters.
+    async fn prepare(&self, tx: &mut sqlx::PgConnection, rows: Vec<MessageRow>) -> Result<Vec<Leased>, ApiError> {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
@@ -369,12 +399,11 @@ impl Deliverer {
             .into_iter()
             .filter_map(|(id, b)| pb::Campaign::decode(b.as_slice()).ok().map(|c| (id, c.display_name)))
             .collect();
-        let channels: HashMap<i16, String> = crate::settings::load_channels(&mut tx)
+        let channels: HashMap<i16, String> = crate::settings::load_channels(tx)
             .await?
             .into_iter()
             .map(|(ch, _, _, adapter)| (ch as i16, adapter))
             .collect();
-        tx.commit().await?;
         Ok(rows
             .into_iter()
             .map(|row| {

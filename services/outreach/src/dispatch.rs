@@ -65,6 +65,7 @@ pub async fn decide_due(
     default_tz: Tz,
     limit: i64,
     now: DateTime<Utc>,
+    lease: Option<std::time::Duration>,
 ) -> Result<(Tally, Vec<Uuid>), ApiError> {
     let sql = format!(
         "SELECT {COLUMNS} FROM messages m WHERE state = $1 AND due_at <= $2 \
@@ -73,16 +74,19 @@ pub async fn decide_due(
     );
     let rows: Vec<MessageRow> =
         sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(state::QUEUED).bind(now).bind(limit).fetch_all(&mut *tx).await?;
-    decide(tx, rows, default_tz, now).await
+    decide(tx, rows, default_tz, now, lease).await
 }
 
 /// Decides the given queued messages (already locked by the caller, or new
 /// in its transaction). Returns the tally and the ids of approved messages.
+/// With `lease`, approved messages are leased to the caller for delivery
+/// (another replica retries them only after it expires).
 pub async fn decide(
     tx: &mut PgConnection,
     mut rows: Vec<MessageRow>,
     default_tz: Tz,
     now: DateTime<Utc>,
+    lease: Option<std::time::Duration>,
 ) -> Result<(Tally, Vec<Uuid>), ApiError> {
     let mut tally = Tally::default();
     if rows.is_empty() {
@@ -229,7 +233,7 @@ pub async fn decide(
         }
     }
     let approved = out.approved.clone();
-    out.write(tx, &budgets, now).await?;
+    out.write(tx, &budgets, now, lease).await?;
     Ok((tally, approved))
 }
 
@@ -288,9 +292,11 @@ impl Decided {
         tx: &mut PgConnection,
         budgets: &HashMap<Uuid, (Option<i64>, i64, i64)>,
         now: DateTime<Utc>,
+        lease: Option<std::time::Duration>,
     ) -> Result<(), ApiError> {
         sqlx::query(
-            "UPDATE messages m SET state = t.state, due_at = t.due, rule = t.rule, detail = t.detail, cost_minor = t.cost, decided_at = $7 \
+            "UPDATE messages m SET state = t.state, due_at = t.due, rule = t.rule, detail = t.detail, cost_minor = t.cost, decided_at = $7, \
+             lease_until = CASE WHEN t.state = 2 THEN $8::timestamptz END \
              FROM UNNEST($1::uuid[], $2::smallint[], $3::timestamptz[], $4::text[], $5::text[], $6::bigint[]) \
                AS t(id, state, due, rule, detail, cost) WHERE m.message_id = t.id",
         )
@@ -301,6 +307,7 @@ impl Decided {
         .bind(&self.details)
         .bind(&self.costs)
         .bind(now)
+        .bind(lease.map(|l| now + chrono::Duration::from_std(l).unwrap_or_default()))
         .execute(&mut *tx)
         .await?;
         sqlx::query(

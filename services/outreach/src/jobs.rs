@@ -39,29 +39,27 @@ async fn idle(signal: &ShutdownSignal, wake: &Notify, d: Duration) -> bool {
     }
 }
 
-/// Decides due messages until shutdown; wakes `deliver` when it approved some.
+/// Decides due messages until shutdown and delivers the approved ones at once
+/// (they are leased to this replica in the deciding transaction).
 pub async fn dispatcher(
     pool: PgPool,
     tz: Tz,
     pace: Pace,
+    deliverer: Deliverer,
     wake: Arc<Notify>,
-    deliver: Arc<Notify>,
     signal: ShutdownSignal,
 ) {
     loop {
         let round = async {
             let mut tx = pool.begin().await?;
-            let (tally, _) = dispatch::decide_due(&mut tx, tz, pace.batch, Utc::now()).await?;
+            let (tally, approved) =
+                dispatch::decide_due(&mut tx, tz, pace.batch, Utc::now(), Some(deliverer.lease)).await?;
             tx.commit().await?;
+            deliverer.deliver_approved(&approved).await?;
             Ok::<_, crm_kit::ApiError>(tally)
         };
         let busy = match round.await {
-            Ok(t) => {
-                if t.approved > 0 {
-                    deliver.notify_one();
-                }
-                t.total() as i64 >= pace.batch
-            }
+            Ok(t) => t.total() as i64 >= pace.batch,
             Err(e) => {
                 tracing::warn!(error = %e, "dispatch round failed; retrying");
                 false
@@ -129,6 +127,10 @@ pub async fn campaign_clock(pool: &PgPool, wake: &Notify) -> Result<(), crm_kit:
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
+    if due.iter().any(|(_, _, launched)| launched.is_none()) {
+        // A launch can add a million rows at once: plan the queue scans with fresh statistics.
+        sqlx::raw_sql("ANALYZE messages; ANALYZE campaign_assignments").execute(pool).await?;
+    }
     if !due.is_empty() {
         wake.notify_one();
     }

@@ -44,7 +44,7 @@ pub const OUTREACH_VARS: &[VarSpec] = &[
         "Asia/Shanghai",
         "IANA zone for customers without a valid one: quiet hours and local-day caps (OUT-5) are computed in it.",
     ),
-    var("OUTREACH_BATCH", "500", "Messages per dispatcher (policy) and delivery batch."),
+    var("OUTREACH_BATCH", "1000", "Messages per dispatcher (policy) and delivery batch."),
     var("OUTREACH_POLL_MS", "200", "How often idle dispatch and delivery loops look for due messages."),
     var("OUTREACH_MAX_ATTEMPTS", "5", "Delivery attempts before a message is dead-lettered (OUT-1)."),
     var(
@@ -142,7 +142,7 @@ impl OutreachConfig {
         };
         Ok(Self {
             default_timezone,
-            batch: env.bounded("OUTREACH_BATCH", 500, 1, 10_000)? as i64,
+            batch: env.bounded("OUTREACH_BATCH", 1000, 1, 10_000)? as i64,
             poll: env.millis("OUTREACH_POLL_MS", 200)?,
             max_attempts: env.bounded("OUTREACH_MAX_ATTEMPTS", 5, 1, 50)? as i32,
             backoff: env.millis("OUTREACH_RETRY_BACKOFF_MS", 5000)?,
@@ -267,8 +267,8 @@ pub fn spawn_workers(kit: &mut Kit, config: &OutreachConfig, parts: &Parts) {
         kit.pg.clone(),
         config.default_timezone,
         pace,
+        parts.deliverer.clone(),
         parts.dispatch_wake.clone(),
-        parts.deliver_wake.clone(),
         signal.clone(),
     ));
     kit.spawn(jobs::deliverer(parts.deliverer.clone(), pace, parts.deliver_wake.clone(), signal.clone()));

@@ -329,7 +329,7 @@ async fn an_opt_out_between_scheduling_and_sending_suppresses_the_queued_message
     sqlx::query("UPDATE messages SET due_at = $1 - interval '1 minute'").bind(noon).execute(&pool).await.expect("due");
     let mut tx = pool.begin().await.expect("tx");
     let (tally, _) =
-        crm_outreach::dispatch::decide_due(&mut tx, chrono_tz::Asia::Shanghai, 100, noon).await.expect("decide");
+        crm_outreach::dispatch::decide_due(&mut tx, chrono_tz::Asia::Shanghai, 100, noon, None).await.expect("decide");
     tx.commit().await.expect("commit");
     assert_eq!((tally.approved, tally.dropped), (1, 1));
     let rules: Vec<(Uuid, i16, String)> =

@@ -135,6 +135,24 @@ mod tests {
     }
 
     #[test]
+    fn on_100_000_customers_every_group_is_within_one_point_of_its_share() {
+        let campaign = Uuid::from_u128(0x5eed);
+        let n = 100_000u128;
+        let mut counts = [0u32; 4];
+        for i in 0..n {
+            match assign(campaign, Uuid::from_u128(i * 7919 + 13), 10, &[20, 30, 50]) {
+                Group::Holdout => counts[0] += 1,
+                Group::Variant(v) => counts[1 + v] += 1,
+            }
+        }
+        // Holdout 10 %; the other 90 % split 20/30/50: 18 %, 27 %, 45 % of everyone.
+        for (count, expected) in counts.iter().zip([10.0, 18.0, 27.0, 45.0]) {
+            let share = 100.0 * *count as f64 / n as f64;
+            assert!((share - expected).abs() < 1.0, "{share:.2} % vs {expected} %: {counts:?}");
+        }
+    }
+
+    #[test]
     fn another_campaign_draws_another_holdout_but_the_global_control_group_is_stable() {
         let a: Vec<bool> = (0..2000u128)
             .map(|i| assign(Uuid::from_u128(1), Uuid::from_u128(i), 10, &[100]) == Group::Holdout)
