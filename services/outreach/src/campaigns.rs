@@ -20,8 +20,6 @@ pub const MESSAGE_LIFETIME_DAYS: i64 = 7;
 
 /// SQL for the bucket of customer `c.customer_id` in campaign `$1`.
 const BUCKET: &str = "(('x' || encode(substring(sha256(uuid_send($1::uuid) || uuid_send(c.customer_id)) from 1 for 4), 'hex'))::bit(32)::bigint % 10000)";
-/// SQL for the global-control bucket of `c.customer_id`.
-const CONTROL_BUCKET: &str = "(('x' || encode(substring(sha256(convert_to('global-control:', 'UTF8') || uuid_send(c.customer_id)) from 1 for 4), 'hex'))::bit(32)::bigint % 10000)";
 
 /// The audience of a campaign spec: live, not erased customers in any of
 /// the segments, with every tag, in one of the tiers. Binds $2 segments,
@@ -63,7 +61,7 @@ fn grouped_audience() -> String {
         "(SELECT customer_id, tier, open_complaints, \
            CASE WHEN cb < $6 THEN 'global_control' WHEN b < $5 THEN 'holdout' \
                 ELSE ($7::text[])[width_bucket((b - $5) * 10000 / GREATEST(10000 - $5, 1), $8::bigint[])] END AS g \
-         FROM (SELECT c.customer_id, c.tier, c.open_complaints, {BUCKET} AS b, {CONTROL_BUCKET} AS cb {AUDIENCE}) c) a"
+         FROM (SELECT c.customer_id, c.tier, c.open_complaints, {BUCKET} AS b, c.control_bucket AS cb {AUDIENCE}) c) a"
     )
 }
 

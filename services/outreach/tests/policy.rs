@@ -397,6 +397,15 @@ async fn campaign_groups_in_sql_match_the_domain_assignment() {
         };
         assert_eq!(grp, expected, "customer {customer}");
     }
+    // The stored global-control bucket is the domain's.
+    let buckets: Vec<(Uuid, i32)> =
+        sqlx::query_as("SELECT customer_id, control_bucket FROM customers").fetch_all(&pool).await.expect("buckets");
+    for (customer, b) in &buckets {
+        for percent in [1, 5, 20] {
+            let stored = *b < percent as i32 * 100;
+            assert_eq!(stored, crm_outreach::domain::campaign::in_global_control(*customer, percent), "{customer}");
+        }
+    }
     // The holdout is recorded but never queued for contact.
     let (queued, held): (i64, i64) = sqlx::query_as(
         "SELECT count(*) FILTER (WHERE state = 1), count(*) FILTER (WHERE state = 5 AND rule = 'HOLDOUT') FROM messages WHERE campaign_id = $1",
