@@ -287,7 +287,7 @@ pub async fn run(mut kit: Kit) -> Result<(), KitError> {
     let config = OutreachConfig::load(&Env::process())?;
     templates::seed(&kit.pg).await.map_err(|e| KitError::Wiring(format!("cannot seed system templates: {e}")))?;
     kit.spawn_outbox_relay();
-    kit.spawn_consumer(&["profiles", "segmentation"], read_model::ReadModel)?;
+    kit.spawn_consumer(&["profiles", "segmentation", "feedback"], read_model::ReadModel)?;
     let parts = build(&kit, &config);
     spawn_workers(&mut kit, &config, &parts);
     let routes = tonic::service::Routes::new(OutreachServiceServer::new(parts.api));

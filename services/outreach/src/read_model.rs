@@ -7,6 +7,7 @@
 //!   last purchase, responses (which end a backoff, OUT-5), merges and erasure.
 //! - segmentation: tier, churn level, segment membership. A churn risk that
 //!   turns HIGH creates a call-back task due within 3 days (OUT-4).
+//! - feedback: open complaint tickets, which stop marketing (OUT-5).
 //!
 //! Idempotent through the kit's inbox; facts follow merges to the survivor.
 
@@ -286,9 +287,69 @@ impl ReadModel {
     }
 }
 
+/// Records whether a complaint ticket is open as of `at` (newer events win)
+/// and refreshes the customer's count of open complaints.
+async fn complaint(
+    tx: &mut PgConnection,
+    ticket: &str,
+    customer: Uuid,
+    open: bool,
+    at: DateTime<Utc>,
+) -> Result<(), HandlerError> {
+    let owner = live(tx, customer).await?;
+    sqlx::query(
+        "INSERT INTO complaint_tickets (ticket_id, customer_id, open, as_of) VALUES ($1, $2, $3, $4) \
+         ON CONFLICT (ticket_id) DO UPDATE SET open = $3, as_of = $4 WHERE complaint_tickets.as_of <= $4",
+    )
+    .bind(ticket)
+    .bind(owner)
+    .bind(open)
+    .bind(at)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "UPDATE customers SET open_complaints = (SELECT count(*) FROM complaint_tickets WHERE customer_id = $1 AND open) \
+         WHERE customer_id = $1",
+    )
+    .bind(owner)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+impl ReadModel {
+    /// feedback: complaint tickets open and close (OUT-5).
+    async fn feedback(&self, tx: &mut PgConnection, event: &Event, at: DateTime<Utc>) -> Result<(), HandlerError> {
+        use crm_proto::feedback::v1 as fb;
+        if let Some(e) = event.payload::<fb::TicketOpened>()? {
+            let t = e.ticket.ok_or_else(|| HandlerError::Permanent("TicketOpened without a ticket".into()))?;
+            if t.category == fb::Category::ServiceComplaint as i32 {
+                complaint(tx, &t.ticket_id, id(&t.customer_id)?, true, at).await?;
+            }
+        } else if let Some(e) = event.payload::<fb::TicketResolved>()? {
+            if e.category == fb::Category::ServiceComplaint as i32 {
+                complaint(tx, &e.ticket_id, id(&e.customer_id)?, false, at).await?;
+            }
+        } else if let Some(e) = event.payload::<fb::TicketVerified>()? {
+            // Not confirmed by the customer: the ticket is reopened. Only complaints are tracked.
+            let known: Option<bool> = sqlx::query_scalar("SELECT open FROM complaint_tickets WHERE ticket_id = $1")
+                .bind(&e.ticket_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if known.is_some() {
+                complaint(tx, &e.ticket_id, id(&e.customer_id)?, !e.confirmed, at).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
 impl EventHandler for ReadModel {
     async fn handle(&self, tx: &mut PgConnection, event: &Event) -> Result<(), HandlerError> {
         let at = time(event.envelope.occurred_at.as_ref());
+        if event.envelope.source == "feedback" {
+            return self.feedback(tx, event, at.unwrap_or_else(Utc::now)).await;
+        }
         if !self.profiles(tx, event, at).await? {
             self.segmentation(tx, event).await?;
         }

@@ -159,3 +159,65 @@ async fn six_silent_months_create_one_personal_call_back() {
     assert!(tasks.iter().all(|t| t.0 != active));
     kit.shutdown_handle().trigger();
 }
+
+fn feedback_event<T: prost::Name>(payload: &T, at: chrono::DateTime<Utc>) -> Event {
+    let envelope = crm_proto::common::v1::EventEnvelope {
+        event_id: Uuid::now_v7().to_string(),
+        event_type: T::full_name(),
+        source: "feedback".into(),
+        occurred_at: Some(prost_types::Timestamp { seconds: at.timestamp(), nanos: 0 }),
+        payload: Some(prost_types::Any::from_msg(payload).expect("pack")),
+        ..Default::default()
+    };
+    Event { envelope, stream: "crm.feedback.events".into(), stream_id: "1-0".into() }
+}
+
+#[tokio::test]
+async fn open_complaint_tickets_from_feedback_count_in_any_order() {
+    use crm_proto::feedback::v1 as fb;
+    let (kit, pool) = start().await;
+    let c = customer(&pool, "").await;
+    let t0 = Utc::now() - Duration::minutes(10);
+    let opened = |ticket: &str, category: fb::Category| fb::TicketOpened {
+        ticket: Some(fb::Ticket {
+            ticket_id: ticket.into(),
+            customer_id: c.to_string(),
+            category: category as i32,
+            ..Default::default()
+        }),
+    };
+    let resolved = |ticket: &str| fb::TicketResolved {
+        ticket_id: ticket.into(),
+        customer_id: c.to_string(),
+        category: fb::Category::ServiceComplaint as i32,
+        ..Default::default()
+    };
+    let apply = |event: Event| {
+        let pool = pool.clone();
+        async move {
+            let mut tx = pool.begin().await.expect("tx");
+            crm_outreach::read_model::ReadModel.handle(&mut tx, &event).await.expect("apply");
+            tx.commit().await.expect("commit");
+            sqlx::query_scalar::<_, i32>("SELECT open_complaints FROM customers WHERE customer_id = $1")
+                .bind(c)
+                .fetch_one(&pool)
+                .await
+                .expect("count")
+        }
+    };
+    assert_eq!(apply(feedback_event(&opened("T1", fb::Category::ServiceComplaint), t0)).await, 1);
+    assert_eq!(
+        apply(feedback_event(&opened("T2", fb::Category::FunctionInquiry), t0)).await,
+        1,
+        "only complaints count"
+    );
+    assert_eq!(apply(feedback_event(&resolved("T1"), t0 + Duration::minutes(1))).await, 0);
+    // Not confirmed by the customer: reopened.
+    let verified =
+        fb::TicketVerified { ticket_id: "T1".into(), customer_id: c.to_string(), confirmed: false, verify_time: None };
+    assert_eq!(apply(feedback_event(&verified, t0 + Duration::minutes(2))).await, 1);
+    // A replica applying an older event late changes nothing.
+    assert_eq!(apply(feedback_event(&resolved("T1"), t0 + Duration::seconds(30))).await, 1);
+    assert_eq!(apply(feedback_event(&resolved("T1"), t0 + Duration::minutes(3))).await, 0);
+    kit.shutdown_handle().trigger();
+}
