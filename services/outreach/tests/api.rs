@@ -712,3 +712,50 @@ async fn feedback_is_acknowledged_as_a_service_message_even_without_marketing_co
     // Quiet hours may defer it depending on the time of day; it is never dropped for lack of marketing consent.
     assert!(d.rule == "ALLOWED" || d.rule == "QUIET_HOURS", "{d:?}");
 }
+
+#[tokio::test]
+async fn a_dead_lettered_message_is_retried_with_the_same_key() {
+    let app = start().await;
+    let id = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO messages (message_id, customer_id, channel, template_id, purpose, state, due_at, expires_at, locale, variables, \
+                               attempts, last_error, decided_at) \
+         VALUES ($1, $2, 1, $3, 1, 6, now(), now() + interval '1 day', 'en', '{\"feedback_id\": \"FB-1\"}', 5, 'provider down', now())",
+    )
+    .bind(id)
+    .bind(Uuid::now_v7())
+    .bind(crm_outreach::api::ACK_TEMPLATE)
+    .execute(&app.pool)
+    .await
+    .expect("dead letter");
+    let mut admin = client(&app, &[Role::Admin]);
+    let dead = admin
+        .list_messages(pb::ListMessagesRequest { state: pb::MessageState::DeadLetter as i32, ..Default::default() })
+        .await
+        .expect("list")
+        .into_inner()
+        .messages;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].last_error, "provider down");
+    let retried = admin
+        .retry_message(pb::RetryMessageRequest { message_id: id.to_string(), request_id: rid() })
+        .await
+        .expect("retry")
+        .into_inner();
+    assert_eq!((retried.state, retried.attempts), (pb::MessageState::Queued as i32, 0));
+    let pool = app.pool.clone();
+    wait_for("the retried message to reach the sink", async || {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM sink_deliveries WHERE idempotency_key = $1")
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .expect("sink");
+        n == 1
+    })
+    .await;
+    let again = admin
+        .retry_message(pb::RetryMessageRequest { message_id: id.to_string(), request_id: rid() })
+        .await
+        .expect_err("no longer dead");
+    assert_eq!(again.code(), Code::FailedPrecondition);
+}
