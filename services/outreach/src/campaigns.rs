@@ -57,11 +57,16 @@ fn variant_edges(spec: &pb::Campaign) -> (Vec<String>, Vec<i64>) {
 /// `a(customer_id, tier, open_complaints, g)`: $5 holdout buckets, $6 control
 /// buckets, $7 variant names, $8 their lower edges. Each bucket is computed once.
 fn grouped_audience() -> String {
+    grouped_audience_from("")
+}
+
+/// [`grouped_audience`] restricted by `more` (SQL appended to the audience's WHERE).
+fn grouped_audience_from(more: &str) -> String {
     format!(
         "(SELECT customer_id, tier, open_complaints, \
            CASE WHEN cb < $6 THEN 'global_control' WHEN b < $5 THEN 'holdout' \
                 ELSE ($7::text[])[width_bucket((b - $5) * 10000 / GREATEST(10000 - $5, 1), $8::bigint[])] END AS g \
-         FROM (SELECT c.customer_id, c.tier, c.open_complaints, {BUCKET} AS b, c.control_bucket AS cb {AUDIENCE}) c) a"
+         FROM (SELECT c.customer_id, c.tier, c.open_complaints, {BUCKET} AS b, c.control_bucket AS cb {AUDIENCE} {more}) c) a"
     )
 }
 
@@ -150,9 +155,12 @@ fn purpose(spec: &pb::Campaign) -> i16 {
     if spec.purpose == 0 { crm_proto::common::v1::Purpose::Marketing as i16 } else { spec.purpose as i16 }
 }
 
-/// Launches a RUNNING campaign: assignments, CampaignAssignment events,
-/// queued messages for the contacted groups and suppressed ones (rule
-/// HOLDOUT / GLOBAL_CONTROL) for the others. Returns the audience size.
+/// Customers per launch chunk: each chunk commits on its own, so the
+/// dispatchers start on the first while later ones are still being written.
+pub const LAUNCH_CHUNK: i64 = 20_000;
+
+/// Launches a RUNNING campaign in one transaction (tests, small audiences);
+/// the campaign clock uses [`launch_chunk`] with a commit per chunk.
 pub async fn launch(
     tx: &mut PgConnection,
     id: Uuid,
@@ -160,14 +168,45 @@ pub async fn launch(
     control_percent: i32,
     now: DateTime<Utc>,
 ) -> Result<i64, ApiError> {
+    let mut after = Uuid::nil();
+    let mut total = 0;
+    loop {
+        let (n, last) = launch_chunk(tx, id, spec, control_percent, now, after, LAUNCH_CHUNK).await?;
+        total += n;
+        match last {
+            Some(last) if n == LAUNCH_CHUNK => after = last,
+            _ => break,
+        }
+    }
+    sqlx::query("UPDATE campaigns SET launched_at = $2 WHERE campaign_id = $1")
+        .bind(id)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+    Ok(total)
+}
+
+/// Launches the next `limit` audience members after customer `after` (in id
+/// order): assignments, CampaignAssignment events, queued messages for the
+/// contacted groups and suppressed ones (rule HOLDOUT / GLOBAL_CONTROL) for
+/// the others. Returns how many were assigned and the last customer id.
+pub async fn launch_chunk(
+    tx: &mut PgConnection,
+    id: Uuid,
+    spec: &pb::Campaign,
+    control_percent: i32,
+    now: DateTime<Utc>,
+    after: Uuid,
+    limit: i64,
+) -> Result<(i64, Option<Uuid>), ApiError> {
     let (segments, tiers, tags) = filters(spec)?;
     let (names, edges) = variant_edges(spec);
     let sql = format!(
         "INSERT INTO campaign_assignments (campaign_id, customer_id, grp, tier, assigned_at) \
-         SELECT $1, a.customer_id, a.g, a.tier, $9 FROM {} ON CONFLICT DO NOTHING",
-        grouped_audience()
+         SELECT $1, a.customer_id, a.g, a.tier, $9 FROM {} ON CONFLICT DO NOTHING RETURNING customer_id",
+        grouped_audience_from("AND c.customer_id > $10 ORDER BY c.customer_id LIMIT $11")
     );
-    let assigned = sqlx::query(sqlx::AssertSqlSafe(sql))
+    let assigned: Vec<Uuid> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
         .bind(id)
         .bind(&segments)
         .bind(&tiers)
@@ -177,14 +216,15 @@ pub async fn launch(
         .bind(&names)
         .bind(&edges)
         .bind(now)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected() as i64;
-
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+    let Some(last) = assigned.iter().max().copied() else { return Ok((0, None)) };
+    let assigned = assigned.len() as i64;
     let plan = Plan::of(spec);
     let expires = now + Duration::days(MESSAGE_LIFETIME_DAYS);
-    let purpose =
-        if spec.purpose == 0 { crm_proto::common::v1::Purpose::Marketing as i16 } else { spec.purpose as i16 };
+    let purpose = purpose(spec);
     // One statement per plan row: a tier's own plan, or the variant's default
     // (tier 0) for the tiers without one.
     for i in 0..plan.variants.len() {
@@ -195,8 +235,8 @@ pub async fn launch(
         sqlx::query(
             "INSERT INTO messages (message_id, customer_id, channel, template_id, campaign_id, variant, purpose, state, due_at, expires_at, locale) \
              SELECT gen_random_uuid(), a.customer_id, $6, $7, $1, a.grp, $2, $3, $4, $5, '' FROM campaign_assignments a \
-             WHERE a.campaign_id = $1 AND a.grp = $8 AND CASE WHEN $9 = 0 THEN NOT (a.tier = ANY($10)) ELSE a.tier = $9 END \
-             ON CONFLICT DO NOTHING",
+             WHERE a.campaign_id = $1 AND a.customer_id > $11 AND a.customer_id <= $12 AND a.grp = $8 \
+             AND CASE WHEN $9 = 0 THEN NOT (a.tier = ANY($10)) ELSE a.tier = $9 END",
         )
         .bind(id)
         .bind(purpose)
@@ -208,6 +248,8 @@ pub async fn launch(
         .bind(&plan.variants[i])
         .bind(plan.tiers[i])
         .bind(&own_plans)
+        .bind(after)
+        .bind(last)
         .execute(&mut *tx)
         .await?;
     }
@@ -220,7 +262,8 @@ pub async fn launch(
          SELECT gen_random_uuid(), a.customer_id, $6, $7, $1, a.grp, $2, $3, $4, $4, upper(a.grp), \
                 CASE a.grp WHEN 'holdout' THEN 'in the campaign holdout: recorded, not contacted' \
                            ELSE 'in the global control group: no marketing contact' END, $4 \
-         FROM campaign_assignments a WHERE a.campaign_id = $1 AND a.grp IN ('holdout', 'global_control') ON CONFLICT DO NOTHING",
+         FROM campaign_assignments a WHERE a.campaign_id = $1 AND a.customer_id > $8 AND a.customer_id <= $9 \
+         AND a.grp IN ('holdout', 'global_control')",
     )
     .bind(id)
     .bind(purpose)
@@ -229,40 +272,32 @@ pub async fn launch(
     .bind(expires)
     .bind(first_channel)
     .bind(first_template)
+    .bind(after)
+    .bind(last)
     .execute(&mut *tx)
     .await?;
-    // CampaignAssignment events, in chunks (analytics computes lift from them).
-    let mut after = Uuid::nil();
-    loop {
-        let chunk: Vec<(Uuid, String, i16)> = sqlx::query_as(
-            "SELECT customer_id, grp, tier FROM campaign_assignments WHERE campaign_id = $1 AND customer_id > $2 \
-             ORDER BY customer_id LIMIT 5000",
-        )
-        .bind(id)
-        .bind(after)
-        .fetch_all(&mut *tx)
-        .await?;
-        let Some(last) = chunk.last() else { break };
-        after = last.0;
-        let events: Vec<(String, pb::CampaignAssignment)> = chunk
-            .into_iter()
-            .map(|(c, grp, tier)| {
-                let e = pb::CampaignAssignment {
-                    campaign_id: id.to_string(),
-                    customer_id: c.to_string(),
-                    group: grp,
-                    tier: tier as i32,
-                    assign_time: Some(crate::messages::ts(now)),
-                };
-                (c.to_string(), e)
-            })
-            .collect();
-        outbox::enqueue_many(tx, SERVICE, "customer", "", &events).await?;
-    }
-    sqlx::query("UPDATE campaigns SET launched_at = $2 WHERE campaign_id = $1")
-        .bind(id)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-    Ok(assigned)
+    // CampaignAssignment events (analytics computes lift from them).
+    let rows: Vec<(Uuid, String, i16)> = sqlx::query_as(
+        "SELECT customer_id, grp, tier FROM campaign_assignments WHERE campaign_id = $1 AND customer_id > $2 AND customer_id <= $3",
+    )
+    .bind(id)
+    .bind(after)
+    .bind(last)
+    .fetch_all(&mut *tx)
+    .await?;
+    let events: Vec<(String, pb::CampaignAssignment)> = rows
+        .into_iter()
+        .map(|(c, grp, tier)| {
+            let e = pb::CampaignAssignment {
+                campaign_id: id.to_string(),
+                customer_id: c.to_string(),
+                group: grp,
+                tier: tier as i32,
+                assign_time: Some(crate::messages::ts(now)),
+            };
+            (c.to_string(), e)
+        })
+        .collect();
+    outbox::enqueue_many(tx, SERVICE, "customer", "", &events).await?;
+    Ok((assigned, Some(last)))
 }

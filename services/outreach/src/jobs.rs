@@ -89,35 +89,15 @@ pub async fn deliverer(d: Deliverer, pace: Pace, wake: Arc<Notify>, signal: Shut
 
 /// Starts SCHEDULED campaigns whose time has come and completes RUNNING ones
 /// with nothing left to send.
-pub async fn campaign_clock(pool: &PgPool, wake: &Notify) -> Result<(), crm_kit::ApiError> {
+pub async fn campaign_clock(pool: &PgPool) -> Result<(), crm_kit::ApiError> {
     let mut tx = pool.begin().await?;
-    // Launching a large audience is background work: not bound by the request statement timeout.
-    sqlx::query("SET LOCAL statement_timeout = '15min'").execute(&mut *tx).await?;
-    // SCHEDULED ones whose time has come, and RUNNING ones not launched yet.
-    let due: Vec<(Uuid, Vec<u8>, Option<chrono::DateTime<Utc>>)> = sqlx::query_as(
-        "SELECT campaign_id, spec, launched_at FROM campaigns WHERE next_run_at <= now() \
-         AND (state = $1 OR (state = $2 AND launched_at IS NULL)) FOR UPDATE SKIP LOCKED LIMIT 10",
+    sqlx::query(
+        "UPDATE campaigns SET state = $2, version = version + 1, updated_at = now() WHERE state = $1 AND next_run_at <= now()",
     )
     .bind(pb::CampaignState::Scheduled as i16)
     .bind(pb::CampaignState::Running as i16)
-    .fetch_all(&mut *tx)
+    .execute(&mut *tx)
     .await?;
-    let control = settings::load_policy(&mut tx).await?.global_control_percent;
-    for (id, spec, launched) in &due {
-        let spec = pb::Campaign::decode(spec.as_slice()).map_err(crm_kit::ApiError::internal)?;
-        sqlx::query(
-            "UPDATE campaigns SET state = $2, next_run_at = NULL, version = version + 1, updated_at = now() WHERE campaign_id = $1",
-        )
-        .bind(id)
-        .bind(pb::CampaignState::Running as i16)
-        .execute(&mut *tx)
-        .await?;
-        if launched.is_none() {
-            let started = std::time::Instant::now();
-            let n = campaigns::launch(&mut tx, *id, &spec, control, Utc::now()).await?;
-            tracing::info!(campaign_id = %id, audience = n, seconds = started.elapsed().as_secs_f64(), "campaign launched");
-        }
-    }
     sqlx::query(
         "UPDATE campaigns c SET state = $2, version = version + 1, updated_at = now() WHERE state = $1 AND launched_at IS NOT NULL \
          AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.campaign_id = c.campaign_id AND m.state IN (1, 2))",
@@ -127,22 +107,86 @@ pub async fn campaign_clock(pool: &PgPool, wake: &Notify) -> Result<(), crm_kit:
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
-    if due.iter().any(|(_, _, launched)| launched.is_none()) {
-        // A launch can add a million rows at once: plan the queue scans with fresh statistics.
-        sqlx::raw_sql("ANALYZE messages; ANALYZE campaign_assignments").execute(pool).await?;
-    }
-    if !due.is_empty() {
-        wake.notify_one();
-    }
     Ok(())
+}
+
+/// Launches the next chunk of a RUNNING campaign not launched yet (OUT-3);
+/// returns whether it did any work. Replicas share a launch through its
+/// cursor row, claimed with `SKIP LOCKED`.
+pub async fn launch_step(pool: &PgPool) -> Result<bool, crm_kit::ApiError> {
+    let mut tx = pool.begin().await?;
+    // Background work: not bound by the request statement timeout.
+    sqlx::query("SET LOCAL statement_timeout = '15min'").execute(&mut *tx).await?;
+    let pending: Vec<(Uuid, Vec<u8>)> = sqlx::query_as(
+        "SELECT campaign_id, spec FROM campaigns WHERE state = $1 AND launched_at IS NULL AND next_run_at <= now() \
+         ORDER BY next_run_at LIMIT 10",
+    )
+    .bind(pb::CampaignState::Running as i16)
+    .fetch_all(&mut *tx)
+    .await?;
+    for (id, spec) in pending {
+        sqlx::query(
+            "INSERT INTO campaign_launches (campaign_id, after_customer) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        )
+        .bind(id)
+        .bind(Uuid::nil())
+        .execute(&mut *tx)
+        .await?;
+        let cursor: Option<(Uuid, i64)> = sqlx::query_as(
+            "SELECT after_customer, assigned FROM campaign_launches WHERE campaign_id = $1 AND NOT done FOR UPDATE SKIP LOCKED",
+        )
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((after, so_far)) = cursor else { continue };
+        let spec = pb::Campaign::decode(spec.as_slice()).map_err(crm_kit::ApiError::internal)?;
+        let control = settings::load_policy(&mut tx).await?.global_control_percent;
+        let (n, last) =
+            campaigns::launch_chunk(&mut tx, id, &spec, control, Utc::now(), after, campaigns::LAUNCH_CHUNK).await?;
+        let done = n < campaigns::LAUNCH_CHUNK;
+        sqlx::query(
+            "UPDATE campaign_launches SET after_customer = $2, assigned = $3, done = $4 WHERE campaign_id = $1",
+        )
+        .bind(id)
+        .bind(last.unwrap_or(after))
+        .bind(so_far + n)
+        .bind(done)
+        .execute(&mut *tx)
+        .await?;
+        if done {
+            sqlx::query("UPDATE campaigns SET launched_at = now() WHERE campaign_id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            tracing::info!(campaign_id = %id, audience = so_far + n, "campaign launched");
+        }
+        tx.commit().await?;
+        if after.is_nil() || done {
+            // The queue grows fast: plan its scans with fresh statistics.
+            sqlx::raw_sql("ANALYZE messages; ANALYZE campaign_assignments").execute(pool).await?;
+        }
+        return Ok(true);
+    }
+    Ok(false)
 }
 
 /// The campaign clock, the task watcher and the trigger sweep, until shutdown.
 pub async fn clocks(pool: PgPool, default_tz: Tz, wake: Arc<Notify>, every: Duration, signal: ShutdownSignal) {
     let mut ticks = 0u64;
     loop {
-        if let Err(e) = campaign_clock(&pool, &wake).await {
+        if let Err(e) = campaign_clock(&pool).await {
             tracing::warn!(error = %e, "campaign clock round failed");
+        }
+        // Launch chunk after chunk; the dispatchers start on each as it commits.
+        loop {
+            match launch_step(&pool).await {
+                Ok(true) if !signal.is_triggered() => wake.notify_one(),
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "campaign launch step failed; retrying");
+                    break;
+                }
+            }
         }
         if ticks.is_multiple_of(300) {
             // OUT-4 date triggers and silent-customer call-backs, every 5 minutes (idempotent).

@@ -419,3 +419,63 @@ async fn campaign_groups_in_sql_match_the_domain_assignment() {
     assert_eq!((queued, held), (400 - holdout, holdout));
     kit.shutdown_handle().trigger();
 }
+
+#[tokio::test]
+async fn a_launch_in_committed_chunks_covers_everyone_once() {
+    let config = crm_kit::testing::config("outreach").await;
+    let kit = crm_kit::Kit::start(crm_outreach::SPEC, config).await.expect("kit");
+    let pool = kit.pg.clone();
+    let ids = customers(&pool, 400).await;
+    let segment = Uuid::now_v7();
+    sqlx::query("INSERT INTO segment_members (segment_id, customer_id) SELECT $1, c FROM UNNEST($2::uuid[]) AS t(c)")
+        .bind(segment)
+        .bind(&ids)
+        .execute(&pool)
+        .await
+        .expect("members");
+    let template = Uuid::now_v7().to_string();
+    let spec = pb::Campaign {
+        display_name: "chunks".into(),
+        segment_ids: vec![segment.to_string()],
+        variants: vec![pb::Variant {
+            name: "A".into(),
+            traffic_percent: 100,
+            channel_plan: vec![pb::TierChannelPlan {
+                tier: 0,
+                channels: vec![crm_proto::common::v1::Channel::Sms as i32],
+                template_ids: [("CHANNEL_SMS".to_string(), template)].into_iter().collect(),
+            }],
+        }],
+        holdout_percent: 10,
+        ..Default::default()
+    };
+    let campaign = Uuid::now_v7();
+    let mut after = Uuid::nil();
+    let mut chunks = 0;
+    let mut total = 0;
+    loop {
+        // Each chunk commits on its own, as on the campaign clock (any replica may take the next).
+        let mut tx = pool.begin().await.expect("tx");
+        let (n, last) =
+            crm_outreach::campaigns::launch_chunk(&mut tx, campaign, &spec, 0, chrono::Utc::now(), after, 150)
+                .await
+                .expect("chunk");
+        tx.commit().await.expect("commit");
+        chunks += 1;
+        total += n;
+        match last {
+            Some(last) if n == 150 => after = last,
+            _ => break,
+        }
+    }
+    assert_eq!((chunks, total), (3, 400));
+    let (messages, customers, events): (i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM messages), (SELECT count(DISTINCT customer_id) FROM messages), \
+                (SELECT count(*) FROM kit_outbox WHERE event_type = 'crm.outreach.v1.CampaignAssignment')",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("counts");
+    assert_eq!((messages, customers, events), (400, 400, 400));
+    kit.shutdown_handle().trigger();
+}
