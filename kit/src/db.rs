@@ -69,6 +69,45 @@ pub async fn live_customer(conn: &mut sqlx::PgConnection, id: uuid::Uuid) -> Res
     .await
 }
 
+/// PRF-7 across services: applies a ConsentChanged's grants to the service's
+/// own `consents` table (customer_id, channel, purpose, granted, expires_at),
+/// the mirror every consumer of consent keeps. The last grant for a channel
+/// and purpose wins.
+pub async fn mirror_consents(
+    conn: &mut sqlx::PgConnection,
+    customer: uuid::Uuid,
+    grants: &[crm_proto::profiles::v1::ConsentGrant],
+) -> Result<(), sqlx::Error> {
+    let mut latest: std::collections::BTreeMap<(i16, i16), &crm_proto::profiles::v1::ConsentGrant> = Default::default();
+    for g in grants {
+        latest.insert((g.channel as i16, g.purpose as i16), g);
+    }
+    let (mut channels, mut purposes, mut granted, mut expires) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for ((channel, purpose), g) in latest {
+        channels.push(channel);
+        purposes.push(purpose);
+        granted.push(g.granted);
+        expires.push(
+            g.expire_time
+                .as_ref()
+                .and_then(|t| chrono::DateTime::from_timestamp(t.seconds, t.nanos.clamp(0, 999_999_999) as u32)),
+        );
+    }
+    sqlx::query(
+        "INSERT INTO consents (customer_id, channel, purpose, granted, expires_at) \
+         SELECT $1, * FROM UNNEST($2::smallint[], $3::smallint[], $4::bool[], $5::timestamptz[]) \
+         ON CONFLICT (customer_id, channel, purpose) DO UPDATE SET granted = EXCLUDED.granted, expires_at = EXCLUDED.expires_at",
+    )
+    .bind(customer)
+    .bind(&channels)
+    .bind(&purposes)
+    .bind(&granted)
+    .bind(&expires)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 /// Whether PostgreSQL answers within `timeout`.
 pub async fn pg_reachable(pool: &PgPool, timeout: Duration) -> bool {
     matches!(tokio::time::timeout(timeout, sqlx::query("SELECT 1").execute(pool)).await, Ok(Ok(_)))

@@ -72,6 +72,22 @@ pub async fn enqueue<T: prost::Name + Message>(
     Ok(event_id)
 }
 
+/// PRF-8 across services: records that `service` has erased `customer_id`
+/// (event ErasureConfirmed, which profiles collects), in the caller's transaction.
+pub async fn confirm_erasure(
+    conn: &mut PgConnection,
+    service: &str,
+    customer_id: &str,
+    request_id: &str,
+) -> Result<Uuid, ApiError> {
+    let confirmed = crm_proto::common::v1::ErasureConfirmed {
+        customer_id: customer_id.to_string(),
+        service: service.to_string(),
+        erase_time: Some(prost_types::Timestamp::from(std::time::SystemTime::now())),
+    };
+    enqueue(conn, service, Aggregate { kind: "customer", id: customer_id }, request_id, &confirmed).await
+}
+
 /// Writes many events of one type in one statement (bulk paths), inside the
 /// caller's transaction; they share the current trace context.
 pub async fn enqueue_many<T: prost::Name + Message>(

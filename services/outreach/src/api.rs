@@ -227,33 +227,6 @@ impl OutreachApi {
         Ok((t, version))
     }
 
-    async fn store_template(
-        &self,
-        conn: &mut PgConnection,
-        id: Uuid,
-        t: &mut pb::Template,
-        bodies: &[template::Body],
-        version: i64,
-    ) -> Result<(), ApiError> {
-        t.template_id = id.to_string();
-        t.variables = template::variables_of(bodies);
-        t.etag = format!("v{version}");
-        sqlx::query(
-            "INSERT INTO templates (template_id, display_name, channel, content_type, purpose, bodies, version) VALUES ($1,$2,$3,$4,$5,$6,$7) \
-             ON CONFLICT (template_id) DO UPDATE SET display_name = $2, channel = $3, content_type = $4, purpose = $5, bodies = $6, version = $7",
-        )
-        .bind(id)
-        .bind(&t.display_name)
-        .bind(t.channel as i16)
-        .bind(t.content_type as i16)
-        .bind(t.purpose as i16)
-        .bind(t.encode_to_vec())
-        .bind(version)
-        .execute(&mut *conn)
-        .await?;
-        Ok(())
-    }
-
     async fn create_template(&self, req: pb::CreateTemplateRequest) -> Result<pb::Template, ApiError> {
         let mut v = FieldViolations::new();
         if req.template.is_none() {
@@ -268,7 +241,7 @@ impl OutreachApi {
             Claim::Replay(r) => return Ok(r),
             Claim::Fresh(f) => f,
         };
-        self.store_template(&mut tx, Uuid::now_v7(), &mut t, &bodies, 1).await?;
+        templates::save(&mut tx, Uuid::now_v7(), &mut t, &bodies, 1, true).await?;
         fresh.complete(&mut tx, &t).await?;
         tx.commit().await?;
         Ok(t)
@@ -305,7 +278,7 @@ impl OutreachApi {
             }
         }
         let bodies = self.check_template(&t, "template.")?;
-        self.store_template(&mut tx, id, &mut t, &bodies, version + 1).await?;
+        templates::save(&mut tx, id, &mut t, &bodies, version + 1, true).await?;
         fresh.complete(&mut tx, &t).await?;
         tx.commit().await?;
         Ok(t)

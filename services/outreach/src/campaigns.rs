@@ -53,6 +53,42 @@ fn variant_edges(spec: &pb::Campaign) -> (Vec<String>, Vec<i64>) {
     (names, lower)
 }
 
+/// The bind values of [`grouped_audience`] ($1..$8), parsed from a campaign.
+struct Audience {
+    segments: Vec<Uuid>,
+    tiers: Vec<i16>,
+    tags: Vec<String>,
+    holdout: i64,
+    control: i64,
+    names: Vec<String>,
+    edges: Vec<i64>,
+}
+
+impl Audience {
+    fn of(spec: &pb::Campaign, control_percent: i32) -> Result<Self, ApiError> {
+        let (segments, tiers, tags) = filters(spec)?;
+        let (names, edges) = variant_edges(spec);
+        let (holdout, control) = (spec.holdout_percent as i64 * 100, control_percent as i64 * 100);
+        Ok(Self { segments, tiers, tags, holdout, control, names, edges })
+    }
+
+    /// Binds $1 (the campaign) to $8.
+    fn bind<'q, O>(
+        &'q self,
+        campaign: Uuid,
+        q: sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
+        q.bind(campaign)
+            .bind(&self.segments)
+            .bind(&self.tiers)
+            .bind(&self.tags)
+            .bind(self.holdout)
+            .bind(self.control)
+            .bind(&self.names)
+            .bind(&self.edges)
+    }
+}
+
 /// SQL of the audience with each member's group, as a derived table
 /// `a(customer_id, tier, open_complaints, g)`: $5 holdout buckets, $6 control
 /// buckets, $7 variant names, $8 their lower edges. Each bucket is computed once.
@@ -80,22 +116,14 @@ pub async fn preview(
     spec: &pb::Campaign,
     control_percent: i32,
 ) -> Result<pb::PreviewCampaignResponse, ApiError> {
-    let (segments, tiers, tags) = filters(spec)?;
-    let (names, edges) = variant_edges(spec);
     let plan = Plan::of(spec);
     let sql = format!(
         "WITH a AS (SELECT * FROM {}),          x AS (SELECT a.*, (SELECT p.ch FROM UNNEST($9::text[], $10::smallint[], $11::smallint[]) AS p(v, t, ch)                             WHERE p.v = a.g AND (p.t = a.tier OR p.t = 0) ORDER BY p.t DESC LIMIT 1) AS ch FROM a)          SELECT x.g, x.ch, count(*), count(*) FILTER (WHERE x.open_complaints > 0 OR NOT COALESCE(              (SELECT CASE WHEN $12 = 1 THEN k.granted ELSE k.granted AND (k.expires_at IS NULL OR k.expires_at > now()) END               FROM consents k WHERE k.customer_id = x.customer_id AND k.channel = x.ch AND k.purpose = $12), $12 = 1))          FROM x GROUP BY x.g, x.ch",
         grouped_audience()
     );
-    let rows: Vec<(Option<String>, Option<i16>, i64, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-        .bind(id)
-        .bind(&segments)
-        .bind(&tiers)
-        .bind(&tags)
-        .bind(spec.holdout_percent as i64 * 100)
-        .bind(control_percent as i64 * 100)
-        .bind(&names)
-        .bind(&edges)
+    let audience = Audience::of(spec, control_percent)?;
+    let rows: Vec<(Option<String>, Option<i16>, i64, i64)> = audience
+        .bind(id, sqlx::query_as(sqlx::AssertSqlSafe(sql)))
         .bind(&plan.variants)
         .bind(&plan.tiers)
         .bind(&plan.channels)
@@ -199,28 +227,19 @@ pub async fn launch_chunk(
     after: Uuid,
     limit: i64,
 ) -> Result<(i64, Option<Uuid>), ApiError> {
-    let (segments, tiers, tags) = filters(spec)?;
-    let (names, edges) = variant_edges(spec);
     let sql = format!(
         "INSERT INTO campaign_assignments (campaign_id, customer_id, grp, tier, assigned_at) \
          SELECT $1, a.customer_id, a.g, a.tier, $9 FROM {} ON CONFLICT DO NOTHING RETURNING customer_id",
         grouped_audience_from("AND c.customer_id > $10 ORDER BY c.customer_id LIMIT $11")
     );
-    let assigned: Vec<Uuid> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
-        .bind(id)
-        .bind(&segments)
-        .bind(&tiers)
-        .bind(&tags)
-        .bind(spec.holdout_percent as i64 * 100)
-        .bind(control_percent as i64 * 100)
-        .bind(&names)
-        .bind(&edges)
+    let assigned: Vec<(Uuid,)> = Audience::of(spec, control_percent)?
+        .bind(id, sqlx::query_as(sqlx::AssertSqlSafe(sql)))
         .bind(now)
         .bind(after)
         .bind(limit)
         .fetch_all(&mut *tx)
         .await?;
-    let Some(last) = assigned.iter().max().copied() else { return Ok((0, None)) };
+    let Some(last) = assigned.iter().map(|a| a.0).max() else { return Ok((0, None)) };
     let assigned = assigned.len() as i64;
     let plan = Plan::of(spec);
     let expires = now + Duration::days(MESSAGE_LIFETIME_DAYS);

@@ -13,8 +13,8 @@
 
 use chrono::{DateTime, Utc};
 use crm_kit::consumer::{Event, EventHandler, HandlerError};
-use crm_kit::outbox::{self, Aggregate};
-use crm_proto::common::v1::{ChurnRiskLevel, ErasureConfirmed, Tier};
+use crm_kit::outbox;
+use crm_proto::common::v1::{ChurnRiskLevel, Tier};
 use crm_proto::profiles::v1 as profiles;
 use crm_proto::segmentation::v1 as segmentation;
 use sqlx::PgConnection;
@@ -131,19 +131,7 @@ impl ReadModel {
             }
         } else if let Some(e) = event.payload::<profiles::ConsentChanged>()? {
             let owner = live(tx, id(&e.customer_id)?).await?;
-            for g in &e.grants {
-                sqlx::query(
-                    "INSERT INTO consents (customer_id, channel, purpose, granted, expires_at) VALUES ($1,$2,$3,$4,$5) \
-                     ON CONFLICT (customer_id, channel, purpose) DO UPDATE SET granted = $4, expires_at = $5",
-                )
-                .bind(owner)
-                .bind(g.channel as i16)
-                .bind(g.purpose as i16)
-                .bind(g.granted)
-                .bind(time(g.expire_time.as_ref()))
-                .execute(&mut *tx)
-                .await?;
-            }
+            crm_kit::db::mirror_consents(tx, owner, &e.grants).await?;
         } else if let Some(e) = event.payload::<profiles::CustomerMerged>()? {
             let (survivor, loser) = (id(&e.survivor_id)?, id(&e.loser_id)?);
             live(tx, survivor).await?;
@@ -213,20 +201,9 @@ impl ReadModel {
             .bind(&ids)
             .execute(&mut *tx)
             .await?;
-            let confirmed = ErasureConfirmed {
-                customer_id: e.customer_id.clone(),
-                service: SERVICE.to_string(),
-                erase_time: Some(prost_types::Timestamp::from(std::time::SystemTime::now())),
-            };
-            outbox::enqueue(
-                tx,
-                SERVICE,
-                Aggregate { kind: "customer", id: &e.customer_id },
-                &event.envelope.request_id,
-                &confirmed,
-            )
-            .await
-            .map_err(|e| HandlerError::Transient(e.to_string()))?;
+            outbox::confirm_erasure(tx, SERVICE, &e.customer_id, &event.envelope.request_id)
+                .await
+                .map_err(|e| HandlerError::Transient(e.to_string()))?;
         } else {
             return Ok(false);
         }

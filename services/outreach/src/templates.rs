@@ -43,10 +43,43 @@ pub fn parse_bodies(bodies: &[pb::TemplateBody], field: &str) -> Result<Vec<Body
     Ok(out)
 }
 
+/// Stores a checked template as version `version`, filling in its id,
+/// variables and etag; without `replace` an existing template is kept.
+pub async fn save(
+    conn: &mut sqlx::PgConnection,
+    id: uuid::Uuid,
+    t: &mut pb::Template,
+    bodies: &[Body],
+    version: i64,
+    replace: bool,
+) -> Result<(), ApiError> {
+    use prost::Message;
+    t.template_id = id.to_string();
+    t.variables = template::variables_of(bodies);
+    t.etag = format!("v{version}");
+    let sql = if replace {
+        "INSERT INTO templates (template_id, display_name, channel, content_type, purpose, bodies, version) VALUES ($1,$2,$3,$4,$5,$6,$7) \
+         ON CONFLICT (template_id) DO UPDATE SET display_name = $2, channel = $3, content_type = $4, purpose = $5, bodies = $6, version = $7"
+    } else {
+        "INSERT INTO templates (template_id, display_name, channel, content_type, purpose, bodies, version) VALUES ($1,$2,$3,$4,$5,$6,$7) \
+         ON CONFLICT DO NOTHING"
+    };
+    sqlx::query(sql)
+        .bind(id)
+        .bind(&t.display_name)
+        .bind(t.channel as i16)
+        .bind(t.content_type as i16)
+        .bind(t.purpose as i16)
+        .bind(t.encode_to_vec())
+        .bind(version)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
 /// Writes the system templates the code refers to (OUT-4: the feedback
 /// acknowledgement) unless they exist; editable afterwards like any other.
 pub async fn seed(pool: &sqlx::PgPool) -> Result<(), ApiError> {
-    use prost::Message;
     let body = |locale: &str, subject: &str, text: &str| pb::TemplateBody {
         locale: locale.into(),
         subject: subject.into(),
@@ -94,21 +127,10 @@ pub async fn seed(pool: &sqlx::PgPool) -> Result<(), ApiError> {
             },
         ));
     }
+    let mut conn = pool.acquire().await?;
     for (id, mut t) in system {
         let parsed = parse_bodies(&t.bodies, "bodies")?;
-        t.variables = crate::domain::template::variables_of(&parsed);
-        sqlx::query(
-            "INSERT INTO templates (template_id, display_name, channel, content_type, purpose, bodies) VALUES ($1,$2,$3,$4,$5,$6) \
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(id)
-        .bind(&t.display_name)
-        .bind(t.channel as i16)
-        .bind(t.content_type as i16)
-        .bind(t.purpose as i16)
-        .bind(t.encode_to_vec())
-        .execute(pool)
-        .await?;
+        save(&mut conn, id, &mut t, &parsed, 1, false).await?;
     }
     Ok(())
 }
