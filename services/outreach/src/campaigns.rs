@@ -159,20 +159,36 @@ struct Plan {
     tiers: Vec<i16>,
     channels: Vec<i16>,
     templates: Vec<Uuid>,
+    /// The plan's further channels and templates, in order (OUT-3 "then").
+    fallbacks: Vec<(Vec<i16>, Vec<Uuid>)>,
 }
 
 impl Plan {
     fn of(spec: &pb::Campaign) -> Self {
-        let mut plan = Plan { variants: Vec::new(), tiers: Vec::new(), channels: Vec::new(), templates: Vec::new() };
+        let mut plan = Plan {
+            variants: Vec::new(),
+            tiers: Vec::new(),
+            channels: Vec::new(),
+            templates: Vec::new(),
+            fallbacks: Vec::new(),
+        };
         for v in &spec.variants {
             for p in &v.channel_plan {
-                let Some(ch) = p.channels.first() else { continue };
-                let name = crm_proto::common::v1::Channel::try_from(*ch).map(|c| c.as_str_name()).unwrap_or_default();
-                let Some(template) = p.template_ids.get(name).and_then(|t| Uuid::parse_str(t).ok()) else { continue };
+                let steps: Vec<(i16, Uuid)> = p
+                    .channels
+                    .iter()
+                    .filter_map(|ch| {
+                        let name = crm_proto::common::v1::Channel::try_from(*ch).map(|c| c.as_str_name()).ok()?;
+                        let template = p.template_ids.get(name).and_then(|t| Uuid::parse_str(t).ok())?;
+                        Some((*ch as i16, template))
+                    })
+                    .collect();
+                let Some((first, rest)) = steps.split_first() else { continue };
                 plan.variants.push(v.name.clone());
                 plan.tiers.push(p.tier as i16);
-                plan.channels.push(*ch as i16);
-                plan.templates.push(template);
+                plan.channels.push(first.0);
+                plan.templates.push(first.1);
+                plan.fallbacks.push(rest.iter().copied().unzip());
             }
         }
         plan
@@ -252,8 +268,9 @@ pub async fn launch_chunk(
             .map(|j| plan.tiers[j])
             .collect();
         sqlx::query(
-            "INSERT INTO messages (message_id, customer_id, channel, template_id, campaign_id, variant, purpose, state, due_at, expires_at, locale) \
-             SELECT gen_random_uuid(), a.customer_id, $6, $7, $1, a.grp, $2, $3, $4, $5, '' FROM campaign_assignments a \
+            "INSERT INTO messages (message_id, customer_id, channel, template_id, campaign_id, variant, purpose, state, due_at, expires_at, locale, \
+                                   fallback_channels, fallback_templates) \
+             SELECT gen_random_uuid(), a.customer_id, $6, $7, $1, a.grp, $2, $3, $4, $5, '', $13, $14 FROM campaign_assignments a \
              WHERE a.campaign_id = $1 AND a.customer_id > $11 AND a.customer_id <= $12 AND a.grp = $8 \
              AND CASE WHEN $9 = 0 THEN NOT (a.tier = ANY($10)) ELSE a.tier = $9 END",
         )
@@ -269,6 +286,8 @@ pub async fn launch_chunk(
         .bind(&own_plans)
         .bind(after)
         .bind(last)
+        .bind(&plan.fallbacks[i].0)
+        .bind(&plan.fallbacks[i].1)
         .execute(&mut *tx)
         .await?;
     }

@@ -172,35 +172,56 @@ pub async fn decide(
     let mut out = Decided::default();
     for row in &rows {
         let Some(customer) = customers.get_mut(&row.customer_id) else { continue };
-        let channel = Channel::try_from(row.channel as i32).unwrap_or(Channel::Unspecified);
         let purpose = Purpose::try_from(row.purpose as i32).unwrap_or(Purpose::Marketing);
-        let (cost, enabled) = channels.get(&row.channel).copied().unwrap_or((0, false));
-        let decision = if customer.erased {
-            policy::Decision {
-                verdict: Verdict::Drop,
-                rule: "ERASED",
-                detail: "the customer was erased (PRF-8)".into(),
-            }
-        } else if !enabled {
-            policy::Decision {
-                verdict: Verdict::Drop,
-                rule: "CHANNEL_DISABLED",
-                detail: format!("channel {} is disabled", channel.as_str_name()),
-            }
-        } else {
-            let consent =
-                consents.get(&(row.customer_id, row.channel, row.purpose)).copied().unwrap_or(Consent::Unknown);
-            let recipient = Recipient {
-                timezone: customer.timezone,
-                contacts: &customer.contacts,
-                unanswered_streak: customer.streak.max(0) as u32,
-                consent,
-                open_complaint: customer.open_complaints > 0,
-                in_global_control: in_global_control(row.customer_id, policy.global_control_percent),
-                already_in_campaign: false,
+        // OUT-3: the plan's channels in order; the next one is tried when this
+        // one is refused for a reason of the channel itself.
+        let steps: Vec<(i16, Uuid)> = std::iter::once((row.channel, row.template_id))
+            .chain(row.fallback_channels.iter().copied().zip(row.fallback_templates.iter().copied()))
+            .collect();
+        let mut refused: Vec<String> = Vec::new();
+        let mut chosen = steps[0];
+        let mut decision = policy::Decision { verdict: Verdict::Drop, rule: "ERASED", detail: String::new() };
+        for (i, step) in steps.iter().enumerate() {
+            chosen = *step;
+            let channel = Channel::try_from(step.0 as i32).unwrap_or(Channel::Unspecified);
+            let (_, enabled) = channels.get(&step.0).copied().unwrap_or((0, false));
+            decision = if customer.erased {
+                policy::Decision {
+                    verdict: Verdict::Drop,
+                    rule: "ERASED",
+                    detail: "the customer was erased (PRF-8)".into(),
+                }
+            } else if !enabled {
+                policy::Decision {
+                    verdict: Verdict::Drop,
+                    rule: "CHANNEL_DISABLED",
+                    detail: format!("channel {} is disabled", channel.as_str_name()),
+                }
+            } else {
+                let consent =
+                    consents.get(&(row.customer_id, step.0, row.purpose)).copied().unwrap_or(Consent::Unknown);
+                let recipient = Recipient {
+                    timezone: customer.timezone,
+                    contacts: &customer.contacts,
+                    unanswered_streak: customer.streak.max(0) as u32,
+                    consent,
+                    open_complaint: customer.open_complaints > 0,
+                    in_global_control: in_global_control(row.customer_id, policy.global_control_percent),
+                    already_in_campaign: false,
+                };
+                policy::check_contact(&policy, &recipient, Attempt { channel, purpose }, now)
             };
-            policy::check_contact(&policy, &recipient, Attempt { channel, purpose }, now)
-        };
+            let channel_refused = matches!(decision.rule, "NO_CONSENT" | "OPTED_OUT" | "CHANNEL_DISABLED");
+            if !(channel_refused && i + 1 < steps.len()) {
+                break;
+            }
+            refused.push(format!("{}: {}", channel.as_str_name(), decision.rule));
+        }
+        if !refused.is_empty() {
+            decision.detail = format!("after {}; {}", refused.join(", "), decision.detail);
+        }
+        let channel = Channel::try_from(chosen.0 as i32).unwrap_or(Channel::Unspecified);
+        let (cost, _) = channels.get(&chosen.0).copied().unwrap_or((0, false));
         let decision = match decision.verdict {
             Verdict::Send => match row.campaign_id.and_then(|c| budgets.get_mut(&c)) {
                 Some((Some(budget), spent, added)) if *spent + *added + cost > *budget => policy::Decision {
@@ -221,7 +242,7 @@ pub async fn decide(
             },
             _ => decision,
         };
-        out.push(row, &decision, cost, now);
+        out.push(row, chosen, &decision, cost, now);
         match decision.verdict {
             Verdict::Send => {
                 tally.approved += 1;
@@ -242,6 +263,8 @@ pub async fn decide(
 struct Decided {
     ids: Vec<Uuid>,
     customers: Vec<Uuid>,
+    channels: Vec<i16>,
+    templates: Vec<Uuid>,
     states: Vec<i16>,
     due: Vec<DateTime<Utc>>,
     verdicts: Vec<i16>,
@@ -256,7 +279,14 @@ struct Decided {
 }
 
 impl Decided {
-    fn push(&mut self, row: &MessageRow, d: &policy::Decision, cost: i64, now: DateTime<Utc>) {
+    fn push(
+        &mut self,
+        row: &MessageRow,
+        (channel, template): (i16, Uuid),
+        d: &policy::Decision,
+        cost: i64,
+        now: DateTime<Utc>,
+    ) {
         let (st, due, v, until) = match d.verdict {
             Verdict::Send => (state::APPROVED, now, verdict::SENT, None),
             Verdict::Defer(t) => (state::QUEUED, t, verdict::DEFERRED, Some(t)),
@@ -264,6 +294,8 @@ impl Decided {
         };
         self.ids.push(row.message_id);
         self.customers.push(row.customer_id);
+        self.channels.push(channel);
+        self.templates.push(template);
         self.states.push(st);
         self.due.push(due);
         self.verdicts.push(v);
@@ -274,10 +306,12 @@ impl Decided {
         if st == state::APPROVED {
             self.approved.push(row.message_id);
             self.contact_customers.push(row.customer_id);
-            self.contact_channels.push(row.channel);
+            self.contact_channels.push(channel);
         }
         if st == state::SUPPRESSED {
             let mut m = row.clone();
+            m.channel = channel;
+            m.template_id = template;
             m.state = st;
             m.rule = d.rule.to_string();
             m.detail = d.detail.clone();
@@ -296,9 +330,9 @@ impl Decided {
     ) -> Result<(), ApiError> {
         sqlx::query(
             "UPDATE messages m SET state = t.state, due_at = t.due, rule = t.rule, detail = t.detail, cost_minor = t.cost, decided_at = $7, \
-             lease_until = CASE WHEN t.state = 2 THEN $8::timestamptz END \
-             FROM UNNEST($1::uuid[], $2::smallint[], $3::timestamptz[], $4::text[], $5::text[], $6::bigint[]) \
-               AS t(id, state, due, rule, detail, cost) WHERE m.message_id = t.id",
+             lease_until = CASE WHEN t.state = 2 THEN $8::timestamptz END, channel = t.channel, template_id = t.template \
+             FROM UNNEST($1::uuid[], $2::smallint[], $3::timestamptz[], $4::text[], $5::text[], $6::bigint[], $9::smallint[], $10::uuid[]) \
+               AS t(id, state, due, rule, detail, cost, channel, template) WHERE m.message_id = t.id",
         )
         .bind(&self.ids)
         .bind(&self.states)
@@ -308,6 +342,8 @@ impl Decided {
         .bind(&self.costs)
         .bind(now)
         .bind(lease.map(|l| now + chrono::Duration::from_std(l).unwrap_or_default()))
+        .bind(&self.channels)
+        .bind(&self.templates)
         .execute(&mut *tx)
         .await?;
         sqlx::query(

@@ -33,7 +33,7 @@ pub mod verdict {
 
 /// The columns every message read selects.
 pub const COLUMNS: &str = "message_id, customer_id, channel, template_id, campaign_id, variant, trigger_name, purpose, state, \
-     attempts, last_error, cost_minor, rule, detail, decided_at, due_at, expires_at, created_at, sent_at, locale, variables";
+     attempts, last_error, cost_minor, rule, detail, decided_at, due_at, expires_at, created_at, sent_at, locale, variables, fallback_channels, fallback_templates";
 
 /// A stored message.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -60,6 +60,8 @@ pub struct MessageRow {
     pub sent_at: Option<DateTime<Utc>>,
     pub locale: String,
     pub variables: serde_json::Value,
+    pub fallback_channels: Vec<i16>,
+    pub fallback_templates: Vec<Uuid>,
 }
 
 /// A timestamp on the wire.

@@ -479,3 +479,80 @@ async fn a_launch_in_committed_chunks_covers_everyone_once() {
     assert_eq!((messages, customers, events), (400, 400, 400));
     kit.shutdown_handle().trigger();
 }
+
+#[tokio::test]
+async fn a_plan_falls_back_to_its_next_channel_when_the_first_is_refused_for_consent() {
+    let config = crm_kit::testing::config("outreach").await;
+    let kit = crm_kit::Kit::start(crm_outreach::SPEC, config).await.expect("kit");
+    let pool = kit.pg.clone();
+    // Marketing consent on SMS only (see customers()); the second customer opted out of SMS but allows WeChat.
+    let ids = customers(&pool, 2).await;
+    sqlx::query("UPDATE consents SET granted = false WHERE customer_id = $1")
+        .bind(ids[1])
+        .execute(&pool)
+        .await
+        .expect("opt out");
+    sqlx::query("INSERT INTO consents (customer_id, channel, purpose, granted) VALUES ($1, 4, 2, true)")
+        .bind(ids[1])
+        .execute(&pool)
+        .await
+        .expect("wechat consent");
+    let segment = Uuid::now_v7();
+    sqlx::query("INSERT INTO segment_members (segment_id, customer_id) SELECT $1, c FROM UNNEST($2::uuid[]) AS t(c)")
+        .bind(segment)
+        .bind(&ids)
+        .execute(&pool)
+        .await
+        .expect("members");
+    let (sms, wechat) = (Uuid::now_v7(), Uuid::now_v7());
+    let spec = pb::Campaign {
+        display_name: "sms then wechat".into(),
+        segment_ids: vec![segment.to_string()],
+        variants: vec![pb::Variant {
+            name: "A".into(),
+            traffic_percent: 100,
+            channel_plan: vec![pb::TierChannelPlan {
+                tier: 0,
+                channels: vec![
+                    crm_proto::common::v1::Channel::Sms as i32,
+                    crm_proto::common::v1::Channel::Wechat as i32,
+                ],
+                template_ids: [
+                    ("CHANNEL_SMS".to_string(), sms.to_string()),
+                    ("CHANNEL_WECHAT".to_string(), wechat.to_string()),
+                ]
+                .into_iter()
+                .collect(),
+            }],
+        }],
+        ..Default::default()
+    };
+    let campaign = Uuid::now_v7();
+    sqlx::query("INSERT INTO campaigns (campaign_id, spec, state) VALUES ($1, '', 3)")
+        .bind(campaign)
+        .execute(&pool)
+        .await
+        .expect("c");
+    let noon = chrono::DateTime::parse_from_rfc3339("2030-01-02T04:00:00Z").expect("time").to_utc();
+    let mut tx = pool.begin().await.expect("tx");
+    crm_outreach::campaigns::launch(&mut tx, campaign, &spec, 0, noon).await.expect("launch");
+    let (tally, _) =
+        crm_outreach::dispatch::decide_due(&mut tx, chrono_tz::Asia::Shanghai, 10, noon, None).await.expect("decide");
+    tx.commit().await.expect("commit");
+    assert_eq!(tally.approved, 2);
+    let rows: Vec<(Uuid, i16, Uuid, String, String)> =
+        sqlx::query_as("SELECT customer_id, channel, template_id, rule, detail FROM messages")
+            .fetch_all(&pool)
+            .await
+            .expect("rows");
+    let of = |id: Uuid| rows.iter().find(|r| r.0 == id).cloned().expect("message");
+    let first = of(ids[0]);
+    assert_eq!((first.1, first.2, first.3.as_str()), (1, sms, "ALLOWED"));
+    let second = of(ids[1]);
+    assert_eq!((second.1, second.2, second.3.as_str()), (4, wechat, "ALLOWED"));
+    assert!(second.4.starts_with("after CHANNEL_SMS: OPTED_OUT"), "{}", second.4);
+    let contacts: Vec<(Uuid, i16)> =
+        sqlx::query_as("SELECT customer_id, channel FROM contacts").fetch_all(&pool).await.expect("contacts");
+    assert!(contacts.contains(&(ids[1], 4)), "the contact counts on the channel used: {contacts:?}");
+    kit.shutdown_handle().trigger();
+}
