@@ -6,7 +6,8 @@
 //! in between, the lease expires, another replica (or the restarted one) calls
 //! the adapter again with the same key, and the provider drops the duplicate:
 //! nothing is sent twice and nothing is lost (REL-3). Transient failures are
-//! retried with exponential backoff; permanent ones, or too many attempts,
+//! retried with exponential backoff, each retry decided by the contact policy
+//! again (it may be quiet hours by then); permanent ones, or too many attempts,
 //! end in the dead-letter state, where `RetryMessage` can re-queue them.
 //!
 //! Personal channels (agent call, in-store) are not adapter deliveries: they
@@ -437,7 +438,7 @@ impl Deliverer {
         let mut tx = self.pool.begin().await?;
         let mut sent_ids = Vec::new();
         let mut events = Vec::new();
-        let mut retry: Vec<(Uuid, DateTime<Utc>, String)> = Vec::new();
+        let mut retry: Vec<(MessageRow, DateTime<Utc>, String)> = Vec::new();
         let mut dead: Vec<(Uuid, String)> = Vec::new();
         for (row, result) in results {
             match result {
@@ -453,7 +454,7 @@ impl Deliverer {
                 }
                 Err(SendError::Transient(e)) if row.attempts < self.max_attempts => {
                     let delay = retry_delay(self.backoff, row.attempts);
-                    retry.push((row.message_id, now + chrono::Duration::from_std(delay).unwrap_or_default(), e));
+                    retry.push((row, now + chrono::Duration::from_std(delay).unwrap_or_default(), e));
                 }
                 Err(SendError::Transient(e) | SendError::Permanent(e)) => dead.push((row.message_id, e)),
             }
@@ -489,13 +490,38 @@ impl Deliverer {
             .bind(now)
             .execute(&mut *tx)
             .await?;
-        for (id, at, error) in retry {
-            sqlx::query("UPDATE messages SET due_at = $2, lease_until = NULL, last_error = $3 WHERE message_id = $1")
-                .bind(id)
-                .bind(at)
-                .bind(error)
+        // A retry goes back to the contact policy (OUT-5): by then it may be
+        // quiet hours or another local day. The approval is undone (the
+        // contact, the backoff streak, the spend) and the message is decided
+        // again at its retry time, keeping its id as the idempotency key.
+        for (row, at, error) in retry {
+            sqlx::query("DELETE FROM contacts WHERE customer_id = $1 AND message_id = $2")
+                .bind(row.customer_id)
+                .bind(row.message_id)
                 .execute(&mut *tx)
                 .await?;
+            sqlx::query(
+                "UPDATE customers SET unanswered_streak = GREATEST(unanswered_streak - 1, 0) WHERE customer_id = $1",
+            )
+            .bind(row.customer_id)
+            .execute(&mut *tx)
+            .await?;
+            if let Some(campaign) = row.campaign_id {
+                sqlx::query("UPDATE campaigns SET spent_minor = GREATEST(spent_minor - $2, 0) WHERE campaign_id = $1")
+                    .bind(campaign)
+                    .bind(row.cost_minor)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            sqlx::query(
+                "UPDATE messages SET state = $2, due_at = $3, lease_until = NULL, last_error = $4, cost_minor = 0 WHERE message_id = $1",
+            )
+            .bind(row.message_id)
+            .bind(state::QUEUED)
+            .bind(at)
+            .bind(error)
+            .execute(&mut *tx)
+            .await?;
         }
         for (id, error) in dead {
             tracing::warn!(message_id = %id, %error, "message dead-lettered");

@@ -330,7 +330,8 @@ impl Decided {
     ) -> Result<(), ApiError> {
         sqlx::query(
             "UPDATE messages m SET state = t.state, due_at = t.due, rule = t.rule, detail = t.detail, cost_minor = t.cost, decided_at = $7, \
-             lease_until = CASE WHEN t.state = 2 THEN $8::timestamptz END, channel = t.channel, template_id = t.template \
+             lease_until = CASE WHEN t.state = 2 THEN $8::timestamptz END, channel = t.channel, template_id = t.template, \
+             attempts = attempts + CASE WHEN t.state = 2 AND $8::timestamptz IS NOT NULL THEN 1 ELSE 0 END \
              FROM UNNEST($1::uuid[], $2::smallint[], $3::timestamptz[], $4::text[], $5::text[], $6::bigint[], $9::smallint[], $10::uuid[]) \
                AS t(id, state, due, rule, detail, cost, channel, template) WHERE m.message_id = t.id",
         )

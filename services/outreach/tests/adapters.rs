@@ -138,15 +138,25 @@ async fn the_webhook_signs_retries_5xx_and_dead_letters_4xx() {
     assert_eq!(deliverer.deliver_due(10).await.expect("round 1"), 3);
     assert_eq!(state_of(&pool, ok).await.0, 3, "delivered");
     let (st, attempts, error) = state_of(&pool, flaky).await;
-    assert_eq!((st, attempts), (2, 1), "a 503 is retried later");
+    assert_eq!((st, attempts), (1, 1), "a 503 goes back to the policy for a later retry");
     assert!(error.contains("503"), "{error}");
     let (st, attempts, error) = state_of(&pool, invalid).await;
     assert_eq!((st, attempts), (6, 1), "a 400 is not retried: dead letter at once");
     assert!(error.contains("400"), "{error}");
 
-    // Before the backoff nothing is due; after it the retry succeeds with the same key.
+    let due: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT due_at FROM messages WHERE message_id = $1")
+        .bind(flaky)
+        .fetch_one(&pool)
+        .await
+        .expect("due");
+    assert!(due > chrono::Utc::now(), "retried after the backoff");
+    // The policy approves it again (as the dispatcher would); the retry carries the same key.
     assert_eq!(deliverer.deliver_due(10).await.expect("round 2"), 0);
-    tokio::time::sleep(Duration::from_millis(250)).await;
+    sqlx::query("UPDATE messages SET state = 2, due_at = now() WHERE message_id = $1")
+        .bind(flaky)
+        .execute(&pool)
+        .await
+        .expect("approve");
     assert_eq!(deliverer.deliver_due(10).await.expect("round 3"), 1);
     assert_eq!(state_of(&pool, flaky).await.0, 3);
     {
@@ -191,7 +201,8 @@ async fn an_unreachable_webhook_is_retried_with_backoff_until_the_dead_letter() 
         directory: None,
     };
     for _ in 0..3 {
-        sqlx::query("UPDATE messages SET due_at = now()").execute(&pool).await.expect("due");
+        // Each retry is approved by the policy again (as the dispatcher would).
+        sqlx::query("UPDATE messages SET state = 2, due_at = now()").execute(&pool).await.expect("due");
         deliverer.deliver_due(10).await.expect("round");
     }
     let (st, attempts, error) = state_of(&pool, id).await;
@@ -322,7 +333,7 @@ async fn the_smtp_adapter_delivers_to_a_local_sink_and_sorts_failures() {
     assert_eq!(deliverer.deliver_due(10).await.expect("deliver"), 3);
     assert_eq!(state_of(&pool, ids[0]).await.0, 3, "sent");
     let (st, _, error) = state_of(&pool, ids[1]).await;
-    assert_eq!(st, 2, "452 is temporary: retried later ({error})");
+    assert_eq!(st, 1, "452 is temporary: back to the policy for a later retry ({error})");
     let (st, _, error) = state_of(&pool, ids[2]).await;
     assert_eq!(st, 6, "550 is permanent: dead letter ({error})");
 

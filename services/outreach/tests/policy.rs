@@ -556,3 +556,67 @@ async fn a_plan_falls_back_to_its_next_channel_when_the_first_is_refused_for_con
     assert!(contacts.contains(&(ids[1], 4)), "the contact counts on the channel used: {contacts:?}");
     kit.shutdown_handle().trigger();
 }
+
+/// A provider that is down.
+struct Down;
+
+impl Adapter for Down {
+    fn send<'a>(&'a self, _m: &'a Outbound) -> crm_outreach::delivery::Sending<'a> {
+        Box::pin(async { Err(crm_outreach::delivery::SendError::Transient("provider down".into())) })
+    }
+}
+
+#[tokio::test]
+async fn a_failed_delivery_is_not_a_contact_and_goes_back_to_the_policy() {
+    let config = crm_kit::testing::config("outreach").await;
+    let kit = crm_kit::Kit::start(crm_outreach::SPEC, config).await.expect("kit");
+    let pool = kit.pg.clone();
+    crm_outreach::templates::seed(&pool).await.expect("seed");
+    let ids = customers(&pool, 1).await;
+    sqlx::query(
+        "INSERT INTO messages (message_id, customer_id, channel, template_id, purpose, state, due_at, expires_at, locale, variables) \
+         VALUES (gen_random_uuid(), $1, 1, $2, 1, 1, now(), now() + interval '7 days', 'en', '{\"feedback_id\": \"F\"}')",
+    )
+    .bind(ids[0])
+    .bind(crm_outreach::api::ACK_TEMPLATE)
+    .execute(&pool)
+    .await
+    .expect("queue");
+    // Decided at noon Shanghai time (approved and leased), then the provider is down.
+    let noon = chrono::DateTime::parse_from_rfc3339("2030-01-02T04:00:00Z").expect("time").to_utc();
+    sqlx::query("UPDATE messages SET due_at = $1")
+        .bind(noon - chrono::Duration::minutes(1))
+        .execute(&pool)
+        .await
+        .expect("due");
+    let mut tx = pool.begin().await.expect("tx");
+    let (tally, approved) =
+        crm_outreach::dispatch::decide_due(&mut tx, chrono_tz::Asia::Shanghai, 10, noon, Some(Duration::from_secs(60)))
+            .await
+            .expect("decide");
+    tx.commit().await.expect("commit");
+    assert_eq!(tally.approved, 1);
+    let counted = || async {
+        sqlx::query_as::<_, (i64, i32)>(
+            "SELECT (SELECT count(*) FROM contacts), (SELECT unanswered_streak FROM customers)",
+        )
+        .fetch_one(&pool)
+        .await
+        .expect("counts")
+    };
+    assert_eq!(counted().await, (1, 1));
+    let deliverer = Deliverer {
+        pool: pool.clone(),
+        adapters: [("log".to_string(), Arc::new(Down) as Arc<dyn Adapter>)].into_iter().collect(),
+        lease: Duration::from_secs(60),
+        max_attempts: 5,
+        backoff: Duration::from_secs(30),
+        directory: None,
+    };
+    deliverer.deliver_approved(&approved).await.expect("deliver");
+    assert_eq!(counted().await, (0, 0), "the failed attempt is not a contact");
+    let (state, attempts, error): (i16, i32, String) =
+        sqlx::query_as("SELECT state, attempts, last_error FROM messages").fetch_one(&pool).await.expect("message");
+    assert_eq!((state, attempts, error.as_str()), (1, 1, "provider down"), "queued again for the policy");
+    kit.shutdown_handle().trigger();
+}
