@@ -57,6 +57,16 @@ impl Event {
     }
 }
 
+/// An id field of an event's payload; a malformed one is a permanent failure.
+pub fn payload_id(s: &str) -> Result<Uuid, HandlerError> {
+    Uuid::parse_str(s).map_err(|_| HandlerError::Permanent(format!("not an id: {s:?}")))
+}
+
+/// A payload timestamp as UTC, if set and valid.
+pub fn payload_time(t: Option<&prost_types::Timestamp>) -> Option<chrono::DateTime<chrono::Utc>> {
+    t.and_then(|t| chrono::DateTime::from_timestamp(t.seconds, t.nanos.clamp(0, 999_999_999) as u32))
+}
+
 /// How a handler failed.
 #[derive(Debug, thiserror::Error)]
 pub enum HandlerError {

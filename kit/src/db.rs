@@ -69,6 +69,17 @@ pub async fn live_customer(conn: &mut sqlx::PgConnection, id: uuid::Uuid) -> Res
     .await
 }
 
+/// For read models of profiles' events: the live customer `id` stands for,
+/// creating an empty `customers` row first for an id not seen yet (facts
+/// may arrive before CustomerCreated).
+pub async fn live_or_new_customer(conn: &mut sqlx::PgConnection, id: uuid::Uuid) -> Result<uuid::Uuid, sqlx::Error> {
+    sqlx::query("INSERT INTO customers (customer_id) VALUES ($1) ON CONFLICT DO NOTHING")
+        .bind(id)
+        .execute(&mut *conn)
+        .await?;
+    Ok(live_customer(conn, id).await?.unwrap_or(id))
+}
+
 /// PRF-7 across services: applies a ConsentChanged's grants to the service's
 /// own `consents` table (customer_id, channel, purpose, granted, expires_at),
 /// the mirror every consumer of consent keeps. The last grant for a channel

@@ -139,3 +139,35 @@ pub fn telemetry() -> &'static InMemorySpanExporter {
         exporter
     })
 }
+
+/// Adds a bearer token to every call of a test client.
+#[derive(Clone, Debug)]
+pub struct Bearer(pub String);
+
+impl Bearer {
+    /// A test token with `roles` (and `pii:read` when `pii`).
+    pub fn minted(roles: &[crate::auth::Role], pii: bool) -> Self {
+        Self(token(roles, pii))
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        let value = format!("Bearer {}", self.0)
+            .parse()
+            .map_err(|_| tonic::Status::internal("test token is not valid metadata"))?;
+        req.metadata_mut().insert("authorization", value);
+        Ok(req)
+    }
+}
+
+/// The fields named by an INVALID_ARGUMENT's `BadRequest` (panics on another code).
+pub fn bad_fields(status: &tonic::Status) -> Vec<String> {
+    use tonic_types::StatusExt;
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    status
+        .get_error_details()
+        .bad_request()
+        .map(|b| b.field_violations.iter().map(|f| f.field.clone()).collect())
+        .unwrap_or_default()
+}

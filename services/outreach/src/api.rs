@@ -1047,9 +1047,7 @@ impl OutreachApi {
             }
         }
         self.check_campaign(&mut tx, &c).await?;
-        let state = c.state;
         self.store_campaign(&mut tx, id, &c, version + 1).await?;
-        debug_assert!(state != 0);
         let (out, _) = self.campaign_in(&mut tx, id, false).await?;
         fresh.complete(&mut tx, &out).await?;
         tx.commit().await?;

@@ -29,20 +29,16 @@ use crate::triggers;
 pub struct ReadModel;
 
 fn id(s: &str) -> Result<Uuid, HandlerError> {
-    Uuid::parse_str(s).map_err(|_| HandlerError::Permanent(format!("not an id: {s:?}")))
+    crm_kit::consumer::payload_id(s)
 }
 
 fn time(t: Option<&prost_types::Timestamp>) -> Option<DateTime<Utc>> {
-    t.and_then(|t| DateTime::from_timestamp(t.seconds, t.nanos.clamp(0, 999_999_999) as u32))
+    crm_kit::consumer::payload_time(t)
 }
 
 /// The customer an id stands for now (creating an empty row for one not seen yet).
 async fn live(tx: &mut PgConnection, customer: Uuid) -> Result<Uuid, sqlx::Error> {
-    sqlx::query("INSERT INTO customers (customer_id) VALUES ($1) ON CONFLICT DO NOTHING")
-        .bind(customer)
-        .execute(&mut *tx)
-        .await?;
-    Ok(crm_kit::db::live_customer(tx, customer).await?.unwrap_or(customer))
+    crm_kit::db::live_or_new_customer(tx, customer).await
 }
 
 #[allow(clippy::too_many_arguments)]

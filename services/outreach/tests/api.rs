@@ -5,11 +5,12 @@
 use std::time::Duration;
 
 use crm_kit::Role;
+use crm_kit::testing::Bearer;
+use crm_kit::testing::bad_fields;
 use crm_proto::common::v1::{Channel, Money, Purpose, Tier};
 use crm_proto::outreach::v1 as pb;
 use crm_proto::outreach::v1::outreach_service_client::OutreachServiceClient;
 use tonic::Code;
-use tonic_types::StatusExt;
 use uuid::Uuid;
 
 struct App {
@@ -43,30 +44,11 @@ async fn start() -> App {
 
 type Client = OutreachServiceClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>>;
 
-#[derive(Clone)]
-struct Bearer(String);
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        req.metadata_mut().insert("authorization", format!("Bearer {}", self.0).parse().expect("ascii"));
-        Ok(req)
-    }
-}
-
 fn client(app: &App, roles: &[Role]) -> Client {
     OutreachServiceClient::with_interceptor(
         crm_kit::client::channel(&app.url).expect("channel"),
-        Bearer(crm_kit::testing::token(roles, false)),
+        Bearer::minted(roles, false),
     )
-}
-
-fn bad_fields(status: &tonic::Status) -> Vec<String> {
-    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-    status
-        .get_error_details()
-        .bad_request()
-        .map(|b| b.field_violations.iter().map(|f| f.field.clone()).collect())
-        .unwrap_or_default()
 }
 
 fn rid() -> String {

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crm_kit::Role;
+use crm_kit::testing::Bearer;
 use crm_outreach::delivery::{Adapter, Deliverer, Outbound, Sink};
 use crm_proto::outreach::v1 as pb;
 use crm_proto::outreach::v1::outreach_service_client::OutreachServiceClient;
@@ -43,20 +44,10 @@ async fn instance(config: crm_kit::config::KitConfig) -> (Instance, sqlx::PgPool
 
 type Client = OutreachServiceClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>>;
 
-#[derive(Clone)]
-struct Bearer(String);
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        req.metadata_mut().insert("authorization", format!("Bearer {}", self.0).parse().expect("ascii"));
-        Ok(req)
-    }
-}
-
 fn client(url: &str, roles: &[Role]) -> Client {
     OutreachServiceClient::with_interceptor(
         crm_kit::client::channel(url).expect("channel"),
-        Bearer(crm_kit::testing::token(roles, false)),
+        Bearer::minted(roles, false),
     )
 }
 

@@ -55,11 +55,11 @@ pub fn attributes_json(attributes: &std::collections::BTreeMap<String, pb::Attri
 pub struct ReadModel;
 
 fn id(s: &str) -> Result<Uuid, HandlerError> {
-    Uuid::parse_str(s).map_err(|_| HandlerError::Permanent(format!("not a customer id: {s:?}")))
+    crm_kit::consumer::payload_id(s)
 }
 
 fn time(t: Option<&prost_types::Timestamp>) -> Option<DateTime<Utc>> {
-    t.and_then(|t| DateTime::from_timestamp(t.seconds, t.nanos.clamp(0, 999_999_999) as u32))
+    crm_kit::consumer::payload_time(t)
 }
 
 /// Makes sure a customer row exists (facts may arrive before CustomerCreated).
@@ -73,8 +73,7 @@ async fn ensure(tx: &mut PgConnection, customer: Uuid) -> Result<(), sqlx::Error
 
 /// The customer an id stands for now: itself, or the survivor of its merges.
 async fn live(tx: &mut PgConnection, customer: Uuid) -> Result<Uuid, sqlx::Error> {
-    ensure(tx, customer).await?;
-    Ok(crm_kit::db::live_customer(tx, customer).await?.unwrap_or(customer))
+    crm_kit::db::live_or_new_customer(tx, customer).await
 }
 
 #[allow(clippy::too_many_arguments)]
