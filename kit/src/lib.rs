@@ -15,6 +15,7 @@ pub mod consumer;
 pub mod db;
 pub mod edge;
 pub mod error;
+pub mod fields;
 pub mod idempotency;
 pub mod lifecycle;
 pub mod metrics;

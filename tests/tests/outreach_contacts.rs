@@ -105,6 +105,7 @@ async fn an_acknowledgement_greets_by_name_and_shows_in_the_profiles_timeline() 
             channel: crm_proto::common::v1::Channel::Sms as i32,
             locale: "zh-CN".into(),
             request_id: crm_kit::testing::unique_name("ack"),
+            kind: out::AcknowledgementKind::Received as i32,
         })
         .await
         .expect("ack")

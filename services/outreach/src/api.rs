@@ -37,6 +37,8 @@ type CampaignRow = (Vec<u8>, i16, i64, i64, DateTime<Utc>, DateTime<Utc>);
 
 /// Well-known template used by AcknowledgeFeedback (seeded by a migration, editable).
 pub const ACK_TEMPLATE: Uuid = Uuid::from_u128(0x0000_0000_0000_4000_8000_0000_0000_0a01);
+/// The system template asking a customer to confirm a resolved ticket (FBK-3 closed loop).
+pub const VERIFY_TEMPLATE: Uuid = Uuid::from_u128(0x0000_0000_0000_4000_8000_0000_0000_0a02);
 
 /// The outreach API.
 #[derive(Clone)]
@@ -527,6 +529,9 @@ impl OutreachApi {
         if Channel::try_from(req.channel).is_err() {
             v.add("channel", "unknown value");
         }
+        if pb::AcknowledgementKind::try_from(req.kind).is_err() {
+            v.add("kind", "unknown value");
+        }
         v.absorb(idempotency::validate_request_id(&req.request_id));
         v.into_result()?;
         let customer = customer.ok_or_else(|| ApiError::internal("checked above"))?;
@@ -536,16 +541,20 @@ impl OutreachApi {
         vars.insert("feedback_id".to_string(), req.feedback_id.clone());
         vars.insert("ticket_id".to_string(), req.ticket_id.clone());
         let locale = if req.locale.is_empty() { "zh-CN" } else { req.locale.as_str() };
+        let (template, trigger) = match pb::AcknowledgementKind::try_from(req.kind) {
+            Ok(pb::AcknowledgementKind::ResolutionCheck) => (VERIFY_TEMPLATE, "feedback_verification"),
+            _ => (ACK_TEMPLATE, "feedback_acknowledgement"),
+        };
         self.send(
             "AcknowledgeFeedback",
             &req,
             &req.request_id,
             customer,
             ch,
-            ACK_TEMPLATE,
+            template,
             &vars,
             Some(Purpose::Service),
-            "feedback_acknowledgement",
+            trigger,
             locale,
         )
         .await

@@ -78,7 +78,8 @@ pub async fn save(
 }
 
 /// Writes the system templates the code refers to (OUT-4: the feedback
-/// acknowledgement) unless they exist; editable afterwards like any other.
+/// acknowledgement and the resolution check) unless they exist; editable
+/// afterwards like any other.
 pub async fn seed(pool: &sqlx::PgPool) -> Result<(), ApiError> {
     let body = |locale: &str, subject: &str, text: &str| pb::TemplateBody {
         locale: locale.into(),
@@ -106,7 +107,28 @@ pub async fn seed(pool: &sqlx::PgPool) -> Result<(), ApiError> {
         variables: vec!["feedback_id".into(), "name".into()],
         etag: String::new(),
     };
-    let mut system = vec![(crate::api::ACK_TEMPLATE, ack)];
+    let verify = pb::Template {
+        template_id: String::new(),
+        display_name: "Feedback resolution check".into(),
+        channel: crm_proto::common::v1::Channel::Sms as i32,
+        content_type: pb::ContentType::Service as i32,
+        purpose: crm_proto::common::v1::Purpose::Service as i32,
+        bodies: vec![
+            body(
+                "zh-CN",
+                "您反馈的问题已处理",
+                "{{name}}，您好！您反馈的问题（工单 {{ticket_id}}）已处理完毕。问题解决了吗？请回复确认，未解决我们会继续跟进。",
+            ),
+            body(
+                "en",
+                "Your issue was resolved",
+                "{{name}}, we have resolved the issue you raised (ticket {{ticket_id}}). Is it sorted? Please reply to confirm; if not, we will keep working on it.",
+            ),
+        ],
+        variables: vec!["name".into(), "ticket_id".into()],
+        etag: String::new(),
+    };
+    let mut system = vec![(crate::api::ACK_TEMPLATE, ack), (crate::api::VERIFY_TEMPLATE, verify)];
     for t in crate::triggers::ALL {
         let (name, zh, en) = t.texts;
         system.push((

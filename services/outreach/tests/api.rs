@@ -681,6 +681,7 @@ async fn feedback_is_acknowledged_as_a_service_message_even_without_marketing_co
             channel: Channel::Hotline as i32,
             locale: "en".into(),
             request_id: "ack-fb-1".into(),
+            kind: pb::AcknowledgementKind::Unspecified as i32,
         })
         .await
         .expect("ack")
@@ -693,6 +694,36 @@ async fn feedback_is_acknowledged_as_a_service_message_even_without_marketing_co
     let d = ack.decision.expect("decision");
     // Quiet hours may defer it depending on the time of day; it is never dropped for lack of marketing consent.
     assert!(d.rule == "ALLOWED" || d.rule == "QUIET_HOURS", "{d:?}");
+    // FBK-3 closed loop: the resolution check is its own system template, also a service message.
+    let check = service
+        .acknowledge_feedback(pb::AcknowledgeFeedbackRequest {
+            customer_id: customer.to_string(),
+            feedback_id: "fb-1".into(),
+            ticket_id: "t-1".into(),
+            channel: Channel::Hotline as i32,
+            locale: "zh-CN".into(),
+            request_id: "check-t-1".into(),
+            kind: pb::AcknowledgementKind::ResolutionCheck as i32,
+        })
+        .await
+        .expect("resolution check")
+        .into_inner()
+        .message
+        .expect("message");
+    assert_eq!(check.trigger, "feedback_verification");
+    assert_eq!(check.template_id, crm_outreach::api::VERIFY_TEMPLATE.to_string());
+    assert_eq!(check.purpose, Purpose::Service as i32);
+    let e = service
+        .acknowledge_feedback(pb::AcknowledgeFeedbackRequest {
+            customer_id: customer.to_string(),
+            feedback_id: "fb-1".into(),
+            request_id: "check-bad".into(),
+            kind: 99,
+            ..Default::default()
+        })
+        .await
+        .expect_err("unknown kind");
+    assert_eq!(bad_fields(&e), ["kind"]);
 }
 
 #[tokio::test]

@@ -1,0 +1,213 @@
+//! FBK-3/FBK-4 closed loop with the customer, through outreach: an
+//! acknowledgement when feedback arrives, a resolution check when its ticket
+//! is resolved (the answer comes back as RecordVerification).
+//!
+//! A call is written to `loop_calls` in the same transaction as the change
+//! that causes it, then made at once (after commit) and, if outreach cannot
+//! be reached, again with backoff by whichever replica finds it due. Each
+//! call has a fixed outreach `request_id`, so a retry, or two replicas making
+//! the same call, send one message. The call continues the trace of the
+//! request that caused it. Before acknowledging an item whose customer could
+//! not be checked at intake, profiles is asked again (FBK-1).
+
+use chrono::{DateTime, Duration, Utc};
+use crm_kit::ApiError;
+use crm_kit::telemetry;
+use crm_proto::common::v1::TraceContext;
+use crm_proto::outreach::v1 as outreach;
+use sqlx::PgConnection;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::desk::Desk;
+use crate::partners::{CallError, CustomerCheck};
+
+/// What a call tells the customer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoopKind {
+    /// "We received your feedback."
+    Acknowledge,
+    /// "Your ticket was resolved: is it?"
+    ResolutionCheck,
+}
+
+impl LoopKind {
+    fn key(self) -> &'static str {
+        match self {
+            LoopKind::Acknowledge => "acknowledge",
+            LoopKind::ResolutionCheck => "resolution_check",
+        }
+    }
+}
+
+/// Records a call to make, in the caller's transaction, with the current trace context.
+pub async fn enqueue(
+    conn: &mut PgConnection,
+    kind: LoopKind,
+    feedback_id: Uuid,
+    ticket_id: Option<Uuid>,
+    request_id: &str,
+    now: DateTime<Utc>,
+) -> Result<Uuid, ApiError> {
+    let id = Uuid::now_v7();
+    let tc = telemetry::event_trace_context();
+    sqlx::query(
+        "INSERT INTO loop_calls (call_id, kind, feedback_id, ticket_id, request_id, traceparent, tracestate, next_attempt_at, created_at) \
+         VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$8) ON CONFLICT (request_id) DO NOTHING",
+    )
+    .bind(id)
+    .bind(kind.key())
+    .bind(feedback_id)
+    .bind(ticket_id)
+    .bind(request_id)
+    .bind(&tc.traceparent)
+    .bind(&tc.tracestate)
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    Ok(id)
+}
+
+#[derive(Debug, sqlx::FromRow)]
+struct Due {
+    call_id: Uuid,
+    kind: String,
+    feedback_id: Uuid,
+    ticket_id: Option<Uuid>,
+    request_id: String,
+    traceparent: String,
+    tracestate: String,
+    attempts: i32,
+}
+
+const RETURNING: &str =
+    "RETURNING call_id, kind, feedback_id, ticket_id, request_id, traceparent, tracestate, attempts";
+
+/// Makes the call `id` now if it is still due (right after the commit that
+/// recorded it), in the current span.
+pub fn spawn_now(desk: &Desk, id: Uuid) {
+    let desk = desk.clone();
+    let span = tracing::info_span!("feedback.closed_loop", call_id = %id);
+    tokio::spawn(
+        async move {
+            let now = desk.clock.now();
+            let leased: Result<Option<Due>, sqlx::Error> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "UPDATE loop_calls SET attempts = attempts + 1, next_attempt_at = $3 \
+                 WHERE call_id = $1 AND done_at IS NULL AND next_attempt_at <= $2 {RETURNING}"
+            )))
+            .bind(id)
+            .bind(now)
+            .bind(now + desk.settings.call_lease)
+            .fetch_optional(&desk.pool)
+            .await;
+            match leased {
+                Ok(Some(due)) => make(&desk, due, now).await,
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "closed-loop call not made now; the worker retries it"),
+            }
+        }
+        .instrument(span),
+    );
+}
+
+/// Makes up to `limit` due calls (the background worker); returns how many it tried.
+pub async fn run_due(desk: &Desk, limit: i64) -> Result<usize, sqlx::Error> {
+    let now = desk.clock.now();
+    let due: Vec<Due> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "UPDATE loop_calls SET attempts = attempts + 1, next_attempt_at = $2 WHERE call_id IN ( \
+             SELECT call_id FROM loop_calls WHERE done_at IS NULL AND next_attempt_at <= $1 \
+             ORDER BY next_attempt_at LIMIT $3 FOR UPDATE SKIP LOCKED) {RETURNING}"
+    )))
+    .bind(now)
+    .bind(now + desk.settings.call_lease)
+    .bind(limit)
+    .fetch_all(&desk.pool)
+    .await?;
+    let n = due.len();
+    for d in due {
+        // Continue the trace of the request that caused the call.
+        let span = tracing::info_span!("feedback.closed_loop", call_id = %d.call_id, attempt = d.attempts,
+            trace_id = tracing::field::Empty, span_id = tracing::field::Empty);
+        let tc = TraceContext { traceparent: d.traceparent.clone(), tracestate: d.tracestate.clone() };
+        telemetry::adopt_parent(&span, telemetry::context_from_event(Some(&tc)));
+        make(desk, d, now).instrument(span).await;
+    }
+    Ok(n)
+}
+
+#[derive(Debug, sqlx::FromRow)]
+struct Item {
+    customer_id: Uuid,
+    customer_verified: bool,
+    channel: i16,
+    language: String,
+}
+
+async fn make(desk: &Desk, due: Due, now: DateTime<Utc>) {
+    let outcome = call(desk, &due).await;
+    let (done, text) = match &outcome {
+        Ok(text) => (true, text.clone()),
+        Err(CallError::Permanent(m)) => (true, format!("gave up: {m}")),
+        Err(CallError::Retry(m)) => (false, m.clone()),
+    };
+    if !done {
+        desk.metrics.loop_retries.inc();
+        tracing::warn!(call_id = %due.call_id, attempt = due.attempts, error = %text, "closed-loop call failed; will retry");
+    }
+    let backoff = Duration::seconds(2i64.saturating_pow(due.attempts.clamp(1, 10) as u32).min(600));
+    let settled = sqlx::query(
+        "UPDATE loop_calls SET done_at = CASE WHEN $2 THEN $3 ELSE NULL END, outcome = $4, \
+         next_attempt_at = CASE WHEN $2 THEN next_attempt_at ELSE $5 END WHERE call_id = $1",
+    )
+    .bind(due.call_id)
+    .bind(done)
+    .bind(now)
+    .bind(&text)
+    .bind(now + backoff)
+    .execute(&desk.pool)
+    .await;
+    if let Err(e) = settled {
+        // The lease runs out and the call is made again (same request id: no second message).
+        tracing::warn!(call_id = %due.call_id, error = %e, "could not record a closed-loop call's outcome");
+    }
+}
+
+async fn call(desk: &Desk, due: &Due) -> Result<String, CallError> {
+    let Some(outreach) = desk.outreach.as_ref() else {
+        return Ok("skipped: FEEDBACK_OUTREACH_URL is not set".into());
+    };
+    let retry = |e: sqlx::Error| CallError::Retry(format!("database: {e}"));
+    let item: Item =
+        sqlx::query_as("SELECT customer_id, customer_verified, channel, language FROM feedback WHERE feedback_id = $1")
+            .bind(due.feedback_id)
+            .fetch_one(&desk.pool)
+            .await
+            .map_err(retry)?;
+    let mut customer = item.customer_id;
+    if !item.customer_verified
+        && let Some(profiles) = desk.profiles.as_ref()
+    {
+        match profiles.check(customer).await? {
+            CustomerCheck::Live(live) => {
+                crate::intake::confirm_customer(&desk.pool, due.feedback_id, live).await.map_err(retry)?;
+                customer = live;
+            }
+            CustomerCheck::Unknown => return Err(CallError::Permanent("profiles does not know the customer".into())),
+            CustomerCheck::Erased => return Err(CallError::Permanent("the customer was erased".into())),
+        }
+    }
+    let kind = match due.kind.as_str() {
+        "resolution_check" => outreach::AcknowledgementKind::ResolutionCheck,
+        _ => outreach::AcknowledgementKind::Received,
+    };
+    let request = outreach::AcknowledgeFeedbackRequest {
+        customer_id: customer.to_string(),
+        feedback_id: due.feedback_id.to_string(),
+        ticket_id: due.ticket_id.map(|t| t.to_string()).unwrap_or_default(),
+        channel: i32::from(item.channel),
+        locale: if item.language == "en" { "en".into() } else { "zh-CN".into() },
+        request_id: due.request_id.clone(),
+        kind: kind as i32,
+    };
+    outreach.acknowledge(request).await
+}
