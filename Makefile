@@ -4,7 +4,7 @@ CARGO ?= cargo
 # Every service with a binary under services/ (crm-<name>).
 SERVICES := $(notdir $(patsubst %/src/main.rs,%,$(wildcard services/*/src/main.rs)))
 
-.PHONY: help test lint fmt run stop logs token datagen bench bench-segmentation bench-outreach backing-services clean-local
+.PHONY: help test lint fmt run stop logs token datagen bench bench-segmentation bench-outreach bench-feedback backing-services clean-local
 
 help:
 	@echo "make test      run every test (starts PostgreSQL and Redis if needed)"
@@ -17,6 +17,7 @@ help:
 	@echo "make bench     benchmarks against raw baselines in the same run (not part of make test; BENCHMARKS.md)"
 	@echo "make bench-segmentation  segmentation recompute vs the bare aggregate query (BENCH_RECOMPUTE_CUSTOMERS=)"
 	@echo "make bench-outreach  a campaign through the contact policy on two replicas, with a violation checker (BENCH_OUTREACH_CUSTOMERS=)"
+	@echo "make bench-feedback  classification quality and speed, intake at a steady rate (BENCH_FEEDBACK_RATE=, BENCH_SECONDS=)"
 
 backing-services:
 	@bash scripts/ensure-backing-services.sh
@@ -63,3 +64,8 @@ bench-segmentation: backing-services
 bench-outreach: backing-services
 	$(CARGO) build --release --locked -q -p crm-bench
 	RUST_LOG=warn ./target/release/crm-bench --outreach $${BENCH_OUTREACH_CUSTOMERS:-1000000} | tee target/bench-outreach-latest.md
+
+# Issue 6: classification on the evaluation set, the classifier vs bare segmentation, intake open loop vs a bare INSERT.
+bench-feedback: backing-services
+	$(CARGO) build --release --locked -q -p crm-bench
+	RUST_LOG=warn ./target/release/crm-bench --feedback $${BENCH_FEEDBACK_RATE:-500} --seconds $${BENCH_SECONDS:-20} | tee target/bench-feedback-latest.md

@@ -11,6 +11,9 @@ export DATABASE_URL=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/crm}
 export REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
 # outreach reads names and addresses from profiles at send time.
 export OUTREACH_PROFILES_URL=${OUTREACH_PROFILES_URL:-http://127.0.0.1:50051}
+# feedback checks customers in profiles and acknowledges them through outreach.
+export FEEDBACK_PROFILES_URL=${FEEDBACK_PROFILES_URL:-http://127.0.0.1:50051}
+export FEEDBACK_OUTREACH_URL=${FEEDBACK_OUTREACH_URL:-http://127.0.0.1:50053}
 port_of() { case $1 in profiles) echo 50051;; segmentation) echo 50052;; outreach) echo 50053;; feedback) echo 50054;; analytics) echo 50055;; *) echo 0;; esac; }
 alive() { [[ -f .local/$1.pid ]] && kill -0 "$(cat ".local/$1.pid")" 2>/dev/null; }
 

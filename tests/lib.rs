@@ -124,3 +124,87 @@ impl Drop for ServiceProcess {
         }
     }
 }
+
+/// A small OTLP/gRPC trace receiver: what the services export, for tests
+/// that follow one trace across processes (no external collector).
+#[derive(Clone, Default)]
+pub struct Receiver {
+    spans: std::sync::Arc<std::sync::Mutex<Vec<Span>>>,
+    /// `http://127.0.0.1:<port>`, for `OTEL_EXPORTER_OTLP_ENDPOINT`.
+    pub endpoint: String,
+}
+
+/// One exported span.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Span {
+    /// `service.name` of its resource, e.g. "crm-feedback".
+    pub service: String,
+    /// Trace id, 32 hex digits.
+    pub trace_id: String,
+    /// Span name.
+    pub name: String,
+}
+
+impl Receiver {
+    /// Starts a receiver on a free port.
+    pub async fn start() -> Receiver {
+        use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let receiver = Receiver { endpoint: format!("http://127.0.0.1:{port}"), ..Default::default() };
+        let server = receiver.clone();
+        tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(TraceServiceServer::new(server))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+                .await
+        });
+        receiver
+    }
+
+    /// Every span received so far.
+    pub fn spans(&self) -> Vec<Span> {
+        self.spans.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// The services that exported a span of `trace_id`.
+    pub fn services_in(&self, trace_id: &str) -> std::collections::BTreeSet<String> {
+        self.spans().into_iter().filter(|s| s.trace_id == trace_id).map(|s| s.service).collect()
+    }
+}
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService for Receiver {
+    async fn export(
+        &self,
+        request: tonic::Request<opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest>,
+    ) -> Result<
+        tonic::Response<opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse>,
+        tonic::Status,
+    > {
+        use opentelemetry_proto::tonic::common::v1::any_value::Value;
+        let mut seen = self.spans.lock().map_err(|e| tonic::Status::internal(e.to_string()))?;
+        for rs in request.into_inner().resource_spans {
+            let service = rs
+                .resource
+                .iter()
+                .flat_map(|r| &r.attributes)
+                .find(|kv| kv.key == "service.name")
+                .and_then(|kv| kv.value.as_ref())
+                .and_then(|v| match &v.value {
+                    Some(Value::StringValue(s)) => Some(s.clone()),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            for ss in rs.scope_spans {
+                for span in ss.spans {
+                    let trace_id: String = span.trace_id.iter().map(|b| format!("{b:02x}")).collect();
+                    seen.push(Span { service: service.clone(), trace_id, name: span.name });
+                }
+            }
+        }
+        Ok(tonic::Response::new(opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse {
+            partial_success: None,
+        }))
+    }
+}

@@ -39,6 +39,65 @@ pub struct Aggregate<'a> {
     pub id: &'a str,
 }
 
+/// An event ready for the outbox, for callers that write it inside a
+/// statement of their own (one round trip for a change and its events):
+/// bind the four columns of [`Staged::columns`] as arrays and
+/// `INSERT INTO kit_outbox (event_id, event_type, aggregate_id, envelope)
+/// SELECT * FROM UNNEST($a::uuid[], $b::text[], $c::text[], $d::bytea[])`.
+#[derive(Debug, Clone)]
+pub struct Staged {
+    /// Event id.
+    pub event_id: Uuid,
+    /// Fully-qualified payload type.
+    pub event_type: String,
+    /// Aggregate id.
+    pub aggregate_id: String,
+    /// Encoded envelope.
+    pub envelope: Vec<u8>,
+}
+
+impl Staged {
+    /// An event of `source` about `aggregate`, carrying the current trace context.
+    pub fn new<T: prost::Name + Message>(
+        source: &str,
+        aggregate: Aggregate<'_>,
+        request_id: &str,
+        payload: &T,
+    ) -> Result<Staged, ApiError> {
+        let event_id = Uuid::now_v7();
+        let any =
+            prost_types::Any::from_msg(payload).map_err(|e| ApiError::internal(format!("cannot pack event: {e}")))?;
+        let envelope = EventEnvelope {
+            event_id: event_id.to_string(),
+            event_type: T::full_name(),
+            source: source.to_string(),
+            aggregate_type: aggregate.kind.to_string(),
+            aggregate_id: aggregate.id.to_string(),
+            occurred_at: Some(prost_types::Timestamp::from(std::time::SystemTime::now())),
+            trace_context: Some(telemetry::event_trace_context()),
+            request_id: request_id.to_string(),
+            payload: Some(any),
+            schema_version: 1,
+        };
+        Ok(Staged {
+            event_id,
+            event_type: T::full_name(),
+            aggregate_id: aggregate.id.to_string(),
+            envelope: envelope.encode_to_vec(),
+        })
+    }
+
+    /// The columns of several staged events, as arrays to bind.
+    pub fn columns(events: &[Staged]) -> (Vec<Uuid>, Vec<String>, Vec<String>, Vec<Vec<u8>>) {
+        (
+            events.iter().map(|e| e.event_id).collect(),
+            events.iter().map(|e| e.event_type.clone()).collect(),
+            events.iter().map(|e| e.aggregate_id.clone()).collect(),
+            events.iter().map(|e| e.envelope.clone()).collect(),
+        )
+    }
+}
+
 /// Writes `payload` as an event of `source` into the outbox, inside the
 /// caller's transaction. The envelope carries the current trace context.
 pub async fn enqueue<T: prost::Name + Message>(
@@ -48,28 +107,15 @@ pub async fn enqueue<T: prost::Name + Message>(
     request_id: &str,
     payload: &T,
 ) -> Result<Uuid, ApiError> {
-    let event_id = Uuid::now_v7();
-    let any = prost_types::Any::from_msg(payload).map_err(|e| ApiError::internal(format!("cannot pack event: {e}")))?;
-    let envelope = EventEnvelope {
-        event_id: event_id.to_string(),
-        event_type: T::full_name(),
-        source: source.to_string(),
-        aggregate_type: aggregate.kind.to_string(),
-        aggregate_id: aggregate.id.to_string(),
-        occurred_at: Some(prost_types::Timestamp::from(std::time::SystemTime::now())),
-        trace_context: Some(telemetry::event_trace_context()),
-        request_id: request_id.to_string(),
-        payload: Some(any),
-        schema_version: 1,
-    };
+    let staged = Staged::new(source, aggregate, request_id, payload)?;
     sqlx::query("INSERT INTO kit_outbox (event_id, event_type, aggregate_id, envelope) VALUES ($1, $2, $3, $4)")
-        .bind(event_id)
-        .bind(&envelope.event_type)
-        .bind(aggregate.id)
-        .bind(envelope.encode_to_vec())
+        .bind(staged.event_id)
+        .bind(&staged.event_type)
+        .bind(&staged.aggregate_id)
+        .bind(&staged.envelope)
         .execute(conn)
         .await?;
-    Ok(event_id)
+    Ok(staged.event_id)
 }
 
 /// PRF-8 across services: records that `service` has erased `customer_id`

@@ -129,18 +129,17 @@ impl FeedbackApi {
         v.absorb(idempotency::validate_request_id(&req.request_id));
         v.into_result()?;
         let sub = sub.ok_or_else(|| ApiError::internal("checked above"))?;
+        // Ask profiles before opening the transaction: no connection is held
+        // over the network call (a retried request asks again; that is cheap).
+        let customer = intake::check_customer(&self.desk, sub.customer, "feedback.customer_id").await?;
         let mut tx = self.desk.pool.begin().await?;
         let fresh = match idempotency::claim(&mut tx, "feedback.SubmitFeedback", &req.request_id, &req).await? {
             Claim::Replay(r) => return Ok(r),
             Claim::Fresh(f) => f,
         };
-        let customer = intake::check_customer(&self.desk, sub.customer, "feedback.customer_id").await?;
         let now = self.now();
         let taken = intake::take_in(&mut tx, &self.desk, &sub, customer, &req.request_id, now).await?;
-        let ticket = match &taken.ticket {
-            Some(t) => Some(tickets::load_wire(&mut tx, &self.desk, t, false).await?),
-            None => None,
-        };
+        let ticket = taken.ticket.as_ref().map(|(_, wire)| wire.clone());
         let out = pb::SubmitFeedbackResponse {
             feedback: Some(taken.feedback.to_wire()),
             repeat_of_ticket_id: ticket.as_ref().map(|t| t.repeat_of_ticket_id.clone()).unwrap_or_default(),
@@ -226,6 +225,7 @@ impl FeedbackApi {
             }
             None if ticket::needs_ticket(category, row.urgent, row.sentiment) => {
                 let new = tickets::NewTicket {
+                    ticket_id: Uuid::now_v7(),
                     feedback_id: id,
                     customer_id: row.customer_id,
                     category,
@@ -487,6 +487,7 @@ impl FeedbackApi {
         v.absorb(idempotency::validate_request_id(&req.request_id));
         v.into_result()?;
         let (customer, kind) = customer.zip(kind).ok_or_else(|| ApiError::internal("checked above"))?;
+        let live = intake::check_customer(&self.desk, customer, "response.customer_id").await?;
         let mut tx = self.desk.pool.begin().await?;
         let fresh = match idempotency::claim(&mut tx, "feedback.SubmitSurveyResponse", &req.request_id, &req).await? {
             Claim::Replay(r) => return Ok(r),
@@ -501,7 +502,6 @@ impl FeedbackApi {
                 return Err(ApiError::invalid("response.ticket_id", "no such ticket"));
             }
         }
-        let live = intake::check_customer(&self.desk, customer, "response.customer_id").await?;
         let now = self.now();
         // A comment is feedback too (FBK-1 "survey" channel).
         let taken = if comment.is_empty() {

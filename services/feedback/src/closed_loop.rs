@@ -15,12 +15,16 @@ use crm_kit::ApiError;
 use crm_kit::telemetry;
 use crm_proto::common::v1::TraceContext;
 use crm_proto::outreach::v1 as outreach;
+use futures_util::StreamExt;
 use sqlx::PgConnection;
 use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::desk::Desk;
 use crate::partners::{CallError, CustomerCheck};
+
+/// Calls the worker makes at the same time.
+const WORKER_CONCURRENCY: usize = 8;
 
 /// What a call tells the customer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,8 +35,53 @@ pub enum LoopKind {
     ResolutionCheck,
 }
 
+/// A call to make, with the trace context of the request that causes it.
+#[derive(Debug, Clone)]
+pub struct LoopCall {
+    /// Id.
+    pub call_id: Uuid,
+    /// What it says.
+    pub kind: LoopKind,
+    /// The item.
+    pub feedback_id: Uuid,
+    /// Its ticket.
+    pub ticket_id: Option<Uuid>,
+    /// outreach's idempotency key: one message whatever the retries.
+    pub request_id: String,
+    /// W3C trace context.
+    pub traceparent: String,
+    /// W3C trace state.
+    pub tracestate: String,
+    /// When it is first due.
+    pub due: DateTime<Utc>,
+}
+
+impl LoopCall {
+    /// A call in the current trace, due at `now`.
+    pub fn new(
+        kind: LoopKind,
+        feedback_id: Uuid,
+        ticket_id: Option<Uuid>,
+        request_id: String,
+        now: DateTime<Utc>,
+    ) -> Self {
+        let tc = telemetry::event_trace_context();
+        LoopCall {
+            call_id: Uuid::now_v7(),
+            kind,
+            feedback_id,
+            ticket_id,
+            request_id,
+            traceparent: tc.traceparent,
+            tracestate: tc.tracestate,
+            due: now,
+        }
+    }
+}
+
 impl LoopKind {
-    fn key(self) -> &'static str {
+    /// As stored.
+    pub fn key(self) -> &'static str {
         match self {
             LoopKind::Acknowledge => "acknowledge",
             LoopKind::ResolutionCheck => "resolution_check",
@@ -49,23 +98,22 @@ pub async fn enqueue(
     request_id: &str,
     now: DateTime<Utc>,
 ) -> Result<Uuid, ApiError> {
-    let id = Uuid::now_v7();
-    let tc = telemetry::event_trace_context();
+    let call = LoopCall::new(kind, feedback_id, ticket_id, request_id.to_string(), now);
     sqlx::query(
         "INSERT INTO loop_calls (call_id, kind, feedback_id, ticket_id, request_id, traceparent, tracestate, next_attempt_at, created_at) \
          VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$8) ON CONFLICT (request_id) DO NOTHING",
     )
-    .bind(id)
+    .bind(call.call_id)
     .bind(kind.key())
     .bind(feedback_id)
     .bind(ticket_id)
-    .bind(request_id)
-    .bind(&tc.traceparent)
-    .bind(&tc.tracestate)
-    .bind(now)
+    .bind(&call.request_id)
+    .bind(&call.traceparent)
+    .bind(&call.tracestate)
+    .bind(call.due)
     .execute(&mut *conn)
     .await?;
-    Ok(id)
+    Ok(call.call_id)
 }
 
 #[derive(Debug, sqlx::FromRow)]
@@ -86,10 +134,15 @@ const RETURNING: &str =
 /// Makes the call `id` now if it is still due (right after the commit that
 /// recorded it), in the current span.
 pub fn spawn_now(desk: &Desk, id: Uuid) {
+    let Ok(permit) = desk.calls_in_flight.clone().try_acquire_owned() else {
+        // Busy: the worker makes it within a round.
+        return;
+    };
     let desk = desk.clone();
     let span = tracing::info_span!("feedback.closed_loop", call_id = %id);
     tokio::spawn(
         async move {
+            let _permit = permit;
             let now = desk.clock.now();
             let leased: Result<Option<Due>, sqlx::Error> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
                 "UPDATE loop_calls SET attempts = attempts + 1, next_attempt_at = $3 \
@@ -124,14 +177,16 @@ pub async fn run_due(desk: &Desk, limit: i64) -> Result<usize, sqlx::Error> {
     .fetch_all(&desk.pool)
     .await?;
     let n = due.len();
-    for d in due {
+    let calls = due.into_iter().map(|d| {
         // Continue the trace of the request that caused the call.
         let span = tracing::info_span!("feedback.closed_loop", call_id = %d.call_id, attempt = d.attempts,
             trace_id = tracing::field::Empty, span_id = tracing::field::Empty);
         let tc = TraceContext { traceparent: d.traceparent.clone(), tracestate: d.tracestate.clone() };
         telemetry::adopt_parent(&span, telemetry::context_from_event(Some(&tc)));
-        make(desk, d, now).instrument(span).await;
-    }
+        make(desk, d, now).instrument(span)
+    });
+    // A few at a time: a backlog drains without flooding outreach.
+    futures_util::stream::iter(calls).buffer_unordered(WORKER_CONCURRENCY).collect::<Vec<()>>().await;
     Ok(n)
 }
 

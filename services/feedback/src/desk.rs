@@ -72,7 +72,14 @@ pub struct Desk {
     pub settings: Settings,
     /// Metrics.
     pub metrics: FeedbackMetrics,
+    /// Closed-loop calls made at once after a commit, at most this many at a
+    /// time: when outreach is slow the rest wait for the worker instead of
+    /// taking intake's database connections.
+    pub calls_in_flight: Arc<tokio::sync::Semaphore>,
 }
+
+/// Closed-loop calls a replica makes at once, at most.
+pub const MAX_CALLS_IN_FLIGHT: usize = 16;
 
 impl std::fmt::Debug for Desk {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

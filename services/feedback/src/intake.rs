@@ -164,15 +164,16 @@ fn evidence_json(e: &[Evidence]) -> serde_json::Value {
 pub struct Intake {
     /// The item.
     pub feedback: FeedbackRow,
-    /// Its ticket, if it needed one.
-    pub ticket: Option<TicketRow>,
+    /// Its ticket (row and wire form), if it needed one.
+    pub ticket: Option<(TicketRow, pb::Ticket)>,
     /// The acknowledgement to make after commit.
     pub acknowledgement: Uuid,
 }
 
-/// Classifies and stores an item in the caller's transaction: the item, its
-/// ticket (routing, clocks, FBK-4 repeat link), FeedbackReceived and
-/// TicketOpened events, and the acknowledgement call.
+/// Classifies and stores an item in the caller's transaction: the item with
+/// FeedbackReceived and its acknowledgement call (one statement), then its
+/// ticket if it needs one (routing, clocks, FBK-4 repeat link, TicketOpened:
+/// one more).
 pub async fn take_in(
     conn: &mut PgConnection,
     desk: &Desk,
@@ -188,28 +189,27 @@ pub async fn take_in(
         .execute(&mut *conn)
         .await?;
     let id = Uuid::now_v7();
-    let row: FeedbackRow = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "INSERT INTO feedback (feedback_id, customer_id, submitted_customer_id, customer_verified, channel, text, rating, language, \
-         category, confidence, urgent, sentiment, topic, evidence, created_at) \
-         VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15) RETURNING {FEEDBACK_COLUMNS}"
-    )))
-    .bind(id)
-    .bind(customer.0)
-    .bind(sub.customer)
-    .bind(customer.1)
-    .bind(sub.channel as i16)
-    .bind(&sub.text)
-    .bind(sub.rating.map(i16::from))
-    .bind(c.language.code())
-    .bind(wire::category_code(c.category))
-    .bind(c.confidence)
-    .bind(c.urgent)
-    .bind(c.sentiment)
-    .bind(&c.topic)
-    .bind(evidence_json(&c.evidence))
-    .bind(now)
-    .fetch_one(&mut *conn)
-    .await?;
+    let needs_ticket = ticket::needs_ticket(c.category, c.urgent, c.sentiment);
+    let ticket_id = needs_ticket.then(Uuid::now_v7);
+    let row = FeedbackRow {
+        feedback_id: id,
+        customer_id: customer.0,
+        customer_verified: customer.1,
+        channel: sub.channel as i16,
+        text: sub.text.clone(),
+        rating: sub.rating.map(i16::from),
+        language: c.language.code().to_string(),
+        category: wire::category_code(c.category),
+        confidence: c.confidence,
+        urgent: c.urgent,
+        sentiment: c.sentiment,
+        topic: c.topic.clone(),
+        evidence: evidence_json(&c.evidence),
+        manual_category: None,
+        reclassified_by: None,
+        ticket_id,
+        created_at: now,
+    };
     let received = pb::FeedbackReceived {
         feedback_id: id.to_string(),
         customer_id: customer.0.to_string(),
@@ -220,30 +220,61 @@ pub async fn take_in(
         rating: sub.rating.map(i32::from).unwrap_or(0),
         receive_time: Some(ts(now)),
     };
-    outbox::enqueue(conn, SERVICE, Aggregate { kind: "feedback", id: &id.to_string() }, request_id, &received).await?;
-    let ticket = if ticket::needs_ticket(c.category, c.urgent, c.sentiment) {
-        let new = NewTicket {
-            feedback_id: id,
-            customer_id: customer.0,
-            category: c.category,
-            urgent: c.urgent,
-            topic: c.topic.clone(),
-        };
-        Some(tickets::open(conn, desk, &new, request_id, now).await?)
-    } else {
-        None
-    };
-    let acknowledgement = closed_loop::enqueue(
-        conn,
-        LoopKind::Acknowledge,
-        id,
-        ticket.as_ref().map(|t| t.ticket_id),
-        &format!("feedback-ack-{id}"),
-        now,
+    let event =
+        outbox::Staged::new(SERVICE, Aggregate { kind: "feedback", id: &id.to_string() }, request_id, &received)?;
+    let (event_ids, types, aggregates, envelopes) = outbox::Staged::columns(&[event]);
+    let ack = closed_loop::LoopCall::new(LoopKind::Acknowledge, id, ticket_id, format!("feedback-ack-{id}"), now);
+    sqlx::query(
+        "WITH f AS (INSERT INTO feedback (feedback_id, customer_id, submitted_customer_id, customer_verified, channel, text, rating, \
+                    language, category, confidence, urgent, sentiment, topic, evidence, ticket_id, created_at) \
+                    VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16)), \
+              l AS (INSERT INTO loop_calls (call_id, kind, feedback_id, ticket_id, request_id, traceparent, tracestate, next_attempt_at, created_at) \
+                    VALUES ($17,$18,$1,$15,$19,$20,$21,$16,$16)) \
+         INSERT INTO kit_outbox (event_id, event_type, aggregate_id, envelope) \
+         SELECT * FROM UNNEST($22::uuid[], $23::text[], $24::text[], $25::bytea[])",
     )
+    .bind(id)
+    .bind(customer.0)
+    .bind(sub.customer)
+    .bind(customer.1)
+    .bind(row.channel)
+    .bind(&row.text)
+    .bind(row.rating)
+    .bind(&row.language)
+    .bind(row.category)
+    .bind(row.confidence)
+    .bind(row.urgent)
+    .bind(row.sentiment)
+    .bind(&row.topic)
+    .bind(&row.evidence)
+    .bind(ticket_id)
+    .bind(now)
+    .bind(ack.call_id)
+    .bind(ack.kind.key())
+    .bind(&ack.request_id)
+    .bind(&ack.traceparent)
+    .bind(&ack.tracestate)
+    .bind(&event_ids)
+    .bind(&types)
+    .bind(&aggregates)
+    .bind(&envelopes)
+    .execute(&mut *conn)
     .await?;
-    let feedback = FeedbackRow { ticket_id: ticket.as_ref().map(|t| t.ticket_id), ..row };
-    Ok(Intake { feedback, ticket, acknowledgement })
+    let ticket = match ticket_id {
+        Some(ticket_id) => {
+            let new = NewTicket {
+                ticket_id,
+                feedback_id: id,
+                customer_id: customer.0,
+                category: c.category,
+                urgent: c.urgent,
+                topic: c.topic.clone(),
+            };
+            Some(tickets::open(conn, desk, &new, request_id, now).await?)
+        }
+        None => None,
+    };
+    Ok(Intake { feedback: row, ticket, acknowledgement: ack.call_id })
 }
 
 /// Records that profiles confirmed an item's customer (as `live`, following merges).

@@ -216,6 +216,7 @@ pub fn desk(kit: &Kit, config: &FeedbackConfig, clock: Arc<dyn Clock>) -> Result
         outreach,
         settings: config.settings.clone(),
         metrics,
+        calls_in_flight: Arc::new(tokio::sync::Semaphore::new(desk::MAX_CALLS_IN_FLIGHT)),
     })
 }
 

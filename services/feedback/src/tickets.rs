@@ -197,6 +197,8 @@ pub async fn record(
 /// What a new ticket is opened from.
 #[derive(Debug, Clone)]
 pub struct NewTicket {
+    /// Its id (chosen by the caller, so the item can name it when it is written).
+    pub ticket_id: Uuid,
     /// The item.
     pub feedback_id: Uuid,
     /// The live customer.
@@ -209,69 +211,98 @@ pub struct NewTicket {
     pub topic: String,
 }
 
-/// Opens a ticket (routing, clocks, FBK-4 repeat link, TicketOpened). The
-/// caller holds the customer's intake lock, so two items of one customer
-/// cannot both miss each other as repeats.
+/// Opens a ticket: routing, clocks, the FBK-4 repeat link, history and
+/// TicketOpened, written in one statement. The caller holds the customer's
+/// intake lock, so two items of one customer cannot both miss each other as
+/// repeats. Returns the row and its wire form.
 pub async fn open(
     conn: &mut PgConnection,
     desk: &Desk,
     new: &NewTicket,
     request_id: &str,
     now: DateTime<Utc>,
-) -> Result<TicketRow, ApiError> {
+) -> Result<(TicketRow, pb::Ticket), ApiError> {
     let policy = ticket::policy(new.category, new.urgent);
+    let topic = repeat_key(&new.topic, new.category);
     let repeat_of: Option<Uuid> = sqlx::query_scalar(
         "SELECT ticket_id FROM tickets WHERE customer_id = $1 AND topic = $2 AND created_at >= $3 AND created_at <= $4 \
          ORDER BY created_at DESC LIMIT 1",
     )
     .bind(new.customer_id)
-    .bind(repeat_key(&new.topic, new.category))
+    .bind(&topic)
     .bind(now - Duration::days(desk.settings.repeat_window_days))
     .bind(now)
     .fetch_optional(&mut *conn)
-    .await?;
-    let id = Uuid::now_v7();
-    let row: TicketRow = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "INSERT INTO tickets (ticket_id, feedback_id, customer_id, category, urgent, queue, state, topic, repeat_of, created_at, updated_at) \
-         VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$10) RETURNING {TICKET_COLUMNS}"
-    )))
-    .bind(id)
-    .bind(new.feedback_id)
-    .bind(new.customer_id)
-    .bind(wire::category_code(new.category))
-    .bind(new.urgent)
-    .bind(policy.queue)
-    .bind(State::Open.code())
-    .bind(repeat_key(&new.topic, new.category))
-    .bind(repeat_of)
-    .bind(now)
-    .fetch_one(&mut *conn)
     .await?;
     let clocks: Vec<SlaClock> = ticket::clock_targets(&policy, &desk.calendar)
         .into_iter()
         .map(|(kind, target)| SlaClock::start(kind, target, policy.counting, now))
         .collect();
-    save_clocks(conn, &desk.calendar, id, &clocks).await?;
+    let deadlines: Vec<Option<DateTime<Utc>>> = clocks.iter().map(|c| c.deadline(&desk.calendar)).collect();
+    let row = TicketRow {
+        ticket_id: new.ticket_id,
+        feedback_id: new.feedback_id,
+        customer_id: new.customer_id,
+        category: wire::category_code(new.category),
+        urgent: new.urgent,
+        queue: policy.queue.to_string(),
+        assignee: String::new(),
+        state: State::Open.code(),
+        topic,
+        repeat_of,
+        escalation_level: 0,
+        next_escalation_at: None,
+        resolutions: 0,
+        version: 1,
+        created_at: now,
+        updated_at: now,
+    };
     let note = match repeat_of {
         Some(r) => format!("routed to {}; repeats ticket {r} (FBK-4)", policy.queue),
         None => format!("routed to {}", policy.queue),
     };
-    record(conn, id, now, "system", "opened", None, &note).await?;
-    sqlx::query("UPDATE feedback SET ticket_id = $2 WHERE feedback_id = $1")
-        .bind(new.feedback_id)
-        .bind(id)
-        .execute(&mut *conn)
-        .await?;
     let wire = to_wire(&row, &clocks, &desk.calendar, now, Vec::new());
-    outbox::enqueue(
-        conn,
+    let id = row.ticket_id.to_string();
+    let event = outbox::Staged::new(
         SERVICE,
-        Aggregate { kind: "ticket", id: &id.to_string() },
+        Aggregate { kind: "ticket", id: &id },
         request_id,
-        &pb::TicketOpened { ticket: Some(wire) },
+        &pb::TicketOpened { ticket: Some(wire.clone()) },
+    )?;
+    let (event_ids, types, aggregates, envelopes) = outbox::Staged::columns(&[event]);
+    sqlx::query(
+        "WITH t AS (INSERT INTO tickets (ticket_id, feedback_id, customer_id, category, urgent, queue, state, topic, repeat_of, \
+                    next_deadline_at, created_at, updated_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$11)), \
+              c AS (INSERT INTO sla_clocks (ticket_id, kind, target_s, business_hours, running_since, deadline_at) \
+                    SELECT $1, k, s, $12, $11, d FROM UNNEST($13::text[], $14::bigint[], $15::timestamptz[]) AS x(k, s, d)), \
+              h AS (INSERT INTO ticket_history (ticket_id, at, actor, action, note) VALUES ($1, $11, 'system', 'opened', $16)), \
+              f AS (UPDATE feedback SET ticket_id = $1 WHERE feedback_id = $2 AND ticket_id IS DISTINCT FROM $1) \
+         INSERT INTO kit_outbox (event_id, event_type, aggregate_id, envelope) \
+         SELECT * FROM UNNEST($17::uuid[], $18::text[], $19::text[], $20::bytea[])",
     )
+    .bind(row.ticket_id)
+    .bind(row.feedback_id)
+    .bind(row.customer_id)
+    .bind(row.category)
+    .bind(row.urgent)
+    .bind(&row.queue)
+    .bind(row.state)
+    .bind(&row.topic)
+    .bind(row.repeat_of)
+    .bind(deadlines.iter().flatten().min().copied())
+    .bind(now)
+    .bind(policy.counting == Counting::BusinessHours)
+    .bind(clocks.iter().map(|c| c.kind.key().to_string()).collect::<Vec<_>>())
+    .bind(clocks.iter().map(|c| c.target).collect::<Vec<_>>())
+    .bind(&deadlines)
+    .bind(&note)
+    .bind(&event_ids)
+    .bind(&types)
+    .bind(&aggregates)
+    .bind(&envelopes)
+    .execute(&mut *conn)
     .await?;
-    Ok(row)
+    Ok((row, wire))
 }
 
 /// FBK-4: the key under which repeats are found. A specific topic

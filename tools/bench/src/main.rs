@@ -11,9 +11,13 @@
 //! outreach (issue 5): a campaign through the sink with every policy check on,
 //! two replicas, vs a bare INSERT of the delivery log, and a policy checker.
 //!
+//! feedback (issue 6): classification quality, the classifier vs bare word
+//! segmentation, and intake open-loop vs a bare INSERT at the same rate.
+//!
 //! Usage: crm-bench [--customers N] [--seconds S] [--reads-only | --import-only]
-//!        crm-bench --outreach N | --recompute N | --consume N
+//!        crm-bench --outreach N | --recompute N | --consume N | --feedback RATE
 
+mod feedback;
 mod outreach;
 
 use std::sync::Arc;
@@ -164,6 +168,20 @@ where
     Stats::from(all, errors, started.elapsed().as_secs_f64())
 }
 
+/// [`open_loop`] after a warm-up of `warmup` at the same rate that is not
+/// measured (connection pools, HTTP/2 channels and caches fill up first).
+async fn open_loop_warm<F, Fut>(rate: u64, warmup: Duration, duration: Duration, op: F) -> Stats
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = bool> + Send + 'static,
+{
+    let op = Arc::new(op);
+    let warm = op.clone();
+    // Warm-up requests use indices past the measured ones, so they never repeat a measured request.
+    open_loop(rate, warmup, move |i| warm(usize::MAX / 2 + i)).await;
+    open_loop(rate, duration, move |i| op(i)).await
+}
+
 /// Open loop: requests are released at a fixed rate whatever the latency, by
 /// a pacing thread with sub-millisecond precision (tokio's timer ticks in
 /// whole milliseconds, which would release bursts); each latency counts from
@@ -305,6 +323,7 @@ async fn main() {
     let mut recompute_customers: Option<usize> = None;
     let mut consume_events: Option<usize> = None;
     let mut outreach_customers: Option<usize> = None;
+    let mut feedback_rate: Option<u64> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -315,12 +334,17 @@ async fn main() {
             "--recompute" => recompute_customers = args.next().and_then(|v| v.parse().ok()),
             "--consume" => consume_events = args.next().and_then(|v| v.parse().ok()),
             "--outreach" => outreach_customers = args.next().and_then(|v| v.parse().ok()),
+            "--feedback" => feedback_rate = args.next().and_then(|v| v.parse().ok()),
             other => panic!("unknown argument {other}"),
         }
     }
     let duration = Duration::from_secs(seconds);
     if let Some(n) = recompute_customers {
         recompute_vs_floor(n).await;
+        return;
+    }
+    if let Some(rate) = feedback_rate {
+        feedback::run(rate, seconds).await;
         return;
     }
     if let Some(n) = outreach_customers {

@@ -110,6 +110,7 @@ pub async fn start_at(at: DateTime<Utc>) -> App {
         outreach: Some(outreach.clone()),
         settings: Settings { call_lease: chrono::Duration::seconds(5), ..Settings::default() },
         metrics: FeedbackMetrics::default(),
+        calls_in_flight: Arc::new(tokio::sync::Semaphore::new(crm_feedback::desk::MAX_CALLS_IN_FLIGHT)),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
