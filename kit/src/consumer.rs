@@ -95,6 +95,24 @@ pub trait EventHandler: Send + Sync + 'static {
     /// Applies `event` inside `tx`; the inbox row is in the same transaction.
     /// Unknown event types should be ignored (return `Ok`).
     fn handle(&self, tx: &mut PgConnection, event: &Event) -> impl Future<Output = Result<(), HandlerError>> + Send;
+
+    /// Whether [`EventHandler::handle_batch`] applies whole batches
+    /// (set-based handlers: one statement per kind of event, not per event).
+    fn set_based(&self) -> bool {
+        false
+    }
+
+    /// Applies every event of a batch (already deduplicated by the inbox, in
+    /// stream order) inside `tx`. A permanent failure makes the consumer
+    /// apply that batch again one event at a time, so only the bad event is
+    /// dead-lettered. Only called when [`EventHandler::set_based`].
+    fn handle_batch(
+        &self,
+        _tx: &mut PgConnection,
+        _events: &[Event],
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send {
+        async { Err(HandlerError::Permanent("this handler is not set-based".into())) }
+    }
 }
 
 /// Why a consumer round failed.
@@ -271,6 +289,11 @@ impl<H: EventHandler> Consumer<H> {
         if entries.is_empty() {
             return Ok(0);
         }
+        if self.handler.set_based()
+            && let Some(settled) = self.settle_set_based(&entries).await?
+        {
+            return Ok(settled);
+        }
         let mut tx = self.pool.begin().await?;
         let mut acks: Vec<(String, String)> = Vec::new();
         let mut counts: Vec<&'static str> = Vec::new();
@@ -372,6 +395,89 @@ impl<H: EventHandler> Consumer<H> {
             }
             None => Ok(settled),
         }
+    }
+
+    /// The set-based path: one inbox statement for the batch, the handler's
+    /// `handle_batch`, one commit. Returns None when the batch must be
+    /// applied one event at a time instead (an undecodable entry, or a
+    /// permanent failure of the handler).
+    async fn settle_set_based(&mut self, entries: &[(String, StreamId)]) -> Result<Option<usize>, ConsumerError> {
+        let mut events = Vec::with_capacity(entries.len());
+        for (stream, entry) in entries {
+            if entry.map.is_empty() {
+                continue;
+            }
+            let Some(Value::BulkString(raw)) = entry.map.get("envelope") else { return Ok(None) };
+            let Ok(envelope) = EventEnvelope::decode(raw.as_slice()) else { return Ok(None) };
+            let Ok(id) = Uuid::parse_str(&envelope.event_id) else { return Ok(None) };
+            events.push((id, Event { envelope, stream: stream.clone(), stream_id: entry.id.clone() }));
+        }
+        let mut tx = self.pool.begin().await?;
+        let ids: Vec<Uuid> = events.iter().map(|(id, _)| *id).collect();
+        let fresh: std::collections::HashSet<Uuid> = sqlx::query_scalar(
+            "INSERT INTO kit_inbox (consumer, event_id) SELECT $1, id FROM UNNEST($2::uuid[]) AS t(id) \
+             ON CONFLICT DO NOTHING RETURNING event_id",
+        )
+        .bind(&self.settings.group)
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .collect();
+        let mut batch = Vec::with_capacity(fresh.len());
+        let mut seen = std::collections::HashSet::new();
+        for (id, event) in events {
+            // A batch may hold one event twice (re-read and claimed); apply it once.
+            if fresh.contains(&id) && seen.insert(id) {
+                // Each event continues its own trace in the consumer, even when applied in a batch.
+                let span = tracing::info_span!(
+                    "event.consume",
+                    otel.name = %format!("consume {}", event.envelope.event_type),
+                    otel.kind = "consumer",
+                    messaging.system = "redis_streams",
+                    messaging.destination.name = %event.stream,
+                    messaging.message.id = %event.envelope.event_id,
+                    messaging.consumer.group.name = %self.settings.group,
+                    messaging.batch.message_count = fresh.len(),
+                    trace_id = tracing::field::Empty,
+                    span_id = tracing::field::Empty,
+                );
+                telemetry::adopt_parent(&span, telemetry::context_from_event(event.envelope.trace_context.as_ref()));
+                drop(span);
+                batch.push(event);
+            }
+        }
+        let applied = batch.len();
+        let span = tracing::info_span!("event.consume_batch", messaging.consumer.group.name = %self.settings.group, events = applied);
+        match self.handler.handle_batch(&mut tx, &batch).instrument(span).await {
+            Ok(()) => {}
+            Err(HandlerError::Transient(why)) => {
+                tx.rollback().await?;
+                self.metrics.consumer_errors.get_or_create(&vec![("consumer", self.settings.group.clone())]).inc();
+                return Err(ConsumerError::Handler(why));
+            }
+            Err(HandlerError::Permanent(why)) => {
+                tx.rollback().await?;
+                tracing::warn!(group = %self.settings.group, error = %why, "set-based batch failed; applying it one event at a time");
+                return Ok(None);
+            }
+        }
+        tx.commit().await?;
+        self.metrics.events_consumed.get_or_create(&self.labels("applied")).inc_by(applied as u64);
+        self.metrics.events_consumed.get_or_create(&self.labels("duplicate")).inc_by((entries.len() - applied) as u64);
+        let mut by_stream: std::collections::BTreeMap<&str, Vec<&str>> = std::collections::BTreeMap::new();
+        for (stream, entry) in entries {
+            by_stream.entry(stream.as_str()).or_default().push(entry.id.as_str());
+        }
+        for (stream, ids) in by_stream {
+            redis::cmd("XACK")
+                .arg(stream)
+                .arg(&self.settings.group)
+                .arg(&ids)
+                .query_async::<()>(&mut self.redis)
+                .await?;
+        }
+        Ok(Some(entries.len()))
     }
 
     async fn dead_letter(

@@ -21,7 +21,7 @@ fn relay(run: &common::Running, redis_url: &str) -> OutboxRelay {
     OutboxRelay::new(run.pool.clone(), redis, &run.config.service, run.metrics.clone())
 }
 
-fn consumer(run: &common::Running, name: &str, handler: common::EffectWriter) -> Consumer<common::EffectWriter> {
+fn consumer<H: crm_kit::consumer::EventHandler>(run: &common::Running, name: &str, handler: H) -> Consumer<H> {
     let settings = ConsumerSettings {
         group: format!("{}-reader", run.config.service),
         name: name.to_string(),
@@ -200,6 +200,53 @@ async fn a_consumer_that_crashes_mid_batch_and_restarts_applies_each_event_once(
     assert_eq!(settled, 20, "all 20 were delivered again");
     assert_eq!(effect_counts(&run).await, (20, 20), "duplicates are recognised by event id");
     run.shutdown.trigger();
+}
+
+#[tokio::test]
+async fn a_set_based_handler_applies_a_batch_at_once_and_a_poison_event_alone_is_dead_lettered() {
+    let run = common::start(common::test_config().await).await;
+    record_notes(&run, 10).await;
+    assert_eq!(relay(&run, &testing::redis_url()).publish_once().await.expect("publish"), 10);
+    let writer = common::SetWriter::default();
+    let batches = writer.batches.clone();
+    let mut c = consumer(&run, "set-1", writer);
+    // The batch of 10 fails for good on "note 3": it is applied again one event at a time.
+    while c.poll_once().await.expect("round") > 0 {}
+    assert_eq!(effect_counts(&run).await, (9, 9), "every event but the poison one applied once");
+    let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM kit_dead_events").fetch_one(&run.pool).await.unwrap();
+    assert_eq!(dead, 1);
+    assert_eq!(batches.load(std::sync::atomic::Ordering::SeqCst), 11, "one failed batch, then ten one by one");
+
+    // Clean events go through as one batch; redelivered ones are recognised by the inbox.
+    record_notes_from(&run, 10, 15).await;
+    relay(&run, &testing::redis_url()).publish_once().await.expect("publish");
+    let before = batches.load(std::sync::atomic::Ordering::SeqCst);
+    while c.poll_once().await.expect("round") > 0 {}
+    assert_eq!(batches.load(std::sync::atomic::Ordering::SeqCst), before + 1, "five events, one batch");
+    assert_eq!(effect_counts(&run).await, (14, 14));
+    let client = redis::Client::open(testing::redis_url()).expect("url");
+    let mut conn = client.get_multiplexed_async_connection().await.expect("redis");
+    let _: () = redis::cmd("XGROUP")
+        .arg("SETID")
+        .arg(stream_name("crm", &run.config.service))
+        .arg(format!("{}-reader", run.config.service))
+        .arg("0")
+        .query_async(&mut conn)
+        .await
+        .expect("rewind");
+    while c.poll_once().await.expect("round") > 0 {}
+    assert_eq!(effect_counts(&run).await, (14, 14), "a replay changes nothing");
+    run.shutdown.trigger();
+}
+
+async fn record_notes_from(run: &common::Running, from: usize, to: usize) {
+    let mut client = common::client(&run.url, common::admin()).await;
+    for i in from..to {
+        client
+            .record_note(pb::RecordNoteRequest { request_id: format!("req-{i}"), note: format!("note {i}") })
+            .await
+            .expect("record note");
+    }
 }
 
 #[tokio::test]

@@ -137,6 +137,42 @@ impl EventHandler for EffectWriter {
     }
 }
 
+/// A set-based handler: a whole batch of NoteRecorded in one statement. A
+/// note "note 3" is poison: it fails the batch for good, and alone.
+#[derive(Clone, Default)]
+pub struct SetWriter {
+    pub batches: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl EventHandler for SetWriter {
+    fn set_based(&self) -> bool {
+        true
+    }
+
+    async fn handle(&self, tx: &mut sqlx::PgConnection, event: &Event) -> Result<(), HandlerError> {
+        self.handle_batch(tx, std::slice::from_ref(event)).await
+    }
+
+    async fn handle_batch(&self, tx: &mut sqlx::PgConnection, events: &[Event]) -> Result<(), HandlerError> {
+        self.batches.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let (mut ids, mut notes) = (Vec::new(), Vec::new());
+        for e in events {
+            let Some(note) = e.payload::<pb::NoteRecorded>()? else { continue };
+            if note.note == "note 3" {
+                return Err(HandlerError::Permanent("poison note".into()));
+            }
+            ids.push(uuid::Uuid::parse_str(&e.envelope.event_id).map_err(|e| HandlerError::Permanent(e.to_string()))?);
+            notes.push(note.note);
+        }
+        sqlx::query("INSERT INTO effects (event_id, note) SELECT * FROM UNNEST($1::uuid[], $2::text[])")
+            .bind(&ids)
+            .bind(&notes)
+            .execute(tx)
+            .await?;
+        Ok(())
+    }
+}
+
 pub struct Running {
     pub addr: SocketAddr,
     pub url: String,
