@@ -789,10 +789,13 @@ impl FeedbackApi {
 
     fn policies(&self) -> pb::ListSlaPoliciesResponse {
         let cal = &self.desk.calendar;
-        let policies = ticket::all_policies()
-            .into_iter()
+        let policies = self
+            .desk
+            .policies
+            .all()
+            .iter()
             .map(|p| {
-                let targets = ticket::clock_targets(&p, cal);
+                let targets = ticket::clock_targets(p, cal);
                 let of = |k| targets.iter().find(|(kind, _)| *kind == k).map(|(_, s)| *s).unwrap_or(0);
                 pb::SlaPolicy {
                     category: wire::category_to_pb(p.category) as i32,

@@ -10,6 +10,7 @@ use sqlx::PgPool;
 use crate::clock::Clock;
 use crate::domain::classify::Classifier;
 use crate::domain::sla::Calendar;
+use crate::domain::ticket::Policies;
 use crate::partners::{Outreach, Profiles};
 
 /// Tunables of the desk (from `FEEDBACK_*`).
@@ -62,6 +63,8 @@ pub struct Desk {
     pub classifier: Arc<Classifier>,
     /// FBK-3 business calendar.
     pub calendar: Arc<Calendar>,
+    /// FBK-3 SLA policies.
+    pub policies: Arc<Policies>,
     /// Time source.
     pub clock: Arc<dyn Clock>,
     /// profiles (None: customers are not checked).

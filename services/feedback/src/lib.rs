@@ -31,6 +31,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::desk::{Desk, FeedbackMetrics, Settings};
 use crate::domain::classify::Classifier;
 use crate::domain::sla::Calendar;
+use crate::domain::ticket::Policies;
 use crate::partners::{Outreach, OutreachClient, Profiles, ProfilesClient};
 
 /// Error domain and short name.
@@ -66,6 +67,11 @@ pub const FEEDBACK_VARS: &[VarSpec] = &[
         "",
         "Working days that are not working weekdays (e.g. make-up Saturdays), comma-separated `YYYY-MM-DD`.",
     ),
+    var(
+        "FEEDBACK_SLA_POLICIES",
+        "",
+        "SLA targets overriding the SPEC defaults, e.g. `complaint=1h/6h,suggestion=3d,inquiry=1d,other=1d,urgent=15m`.",
+    ),
     var("FEEDBACK_ESCALATION_STEP_MINUTES", "30", "Time between escalation steps after an SLA breach."),
     var("FEEDBACK_REPEAT_WINDOW_DAYS", "30", "Window of repeat detection (FBK-4)."),
     var("FEEDBACK_WATCH_INTERVAL_MS", "1000", "How often the SLA watcher and the closed-loop worker run."),
@@ -97,6 +103,8 @@ pub struct FeedbackConfig {
     pub settings: Settings,
     /// `FEEDBACK_WATCH_INTERVAL_MS`.
     pub watch_interval: Duration,
+    /// `FEEDBACK_SLA_POLICIES`.
+    pub policies: Policies,
 }
 
 impl FeedbackConfig {
@@ -126,7 +134,10 @@ impl FeedbackConfig {
                 Some(_) => Ok(Some(env.url(name, "", &["http", "https"])?)),
             }
         };
+        let sla = raw("FEEDBACK_SLA_POLICIES", "");
+        let policies = Policies::parse(&sla).map_err(|e| ConfigError::new("FEEDBACK_SLA_POLICIES", Some(&sla), e))?;
         Ok(Self {
+            policies,
             profiles_url: url("FEEDBACK_PROFILES_URL")?,
             outreach_url: url("FEEDBACK_OUTREACH_URL")?,
             call_timeout: env.millis("FEEDBACK_CALL_TIMEOUT_MS", 1000)?,
@@ -211,6 +222,7 @@ pub fn desk(kit: &Kit, config: &FeedbackConfig, clock: Arc<dyn Clock>) -> Result
         pool: kit.pg.clone(),
         classifier: classifier()?,
         calendar: Arc::new(config.calendar.clone()),
+        policies: Arc::new(config.policies.clone()),
         clock,
         profiles,
         outreach,
@@ -264,6 +276,7 @@ mod tests {
             ("FEEDBACK_EXTRA_WORKDAYS", "tomorrow"),
             ("FEEDBACK_PROFILES_URL", "ftp://profiles"),
             ("FEEDBACK_ESCALATION_STEP_MINUTES", "0"),
+            ("FEEDBACK_SLA_POLICIES", "complaint=1 week"),
         ] {
             let err = load(&[(name, value)]).unwrap_err();
             assert!(err.to_string().contains(name), "{name}: {err}");

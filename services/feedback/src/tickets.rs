@@ -222,7 +222,7 @@ pub async fn open(
     request_id: &str,
     now: DateTime<Utc>,
 ) -> Result<(TicketRow, pb::Ticket), ApiError> {
-    let policy = ticket::policy(new.category, new.urgent);
+    let policy = desk.policies.of(new.category, new.urgent);
     let topic = repeat_key(&new.topic, new.category);
     let repeat_of: Option<Uuid> = sqlx::query_scalar(
         "SELECT ticket_id FROM tickets WHERE customer_id = $1 AND topic = $2 AND created_at >= $3 AND created_at <= $4 \
@@ -347,7 +347,7 @@ pub async fn transition(
             ),
         ));
     };
-    let policy = ticket::policy(t.category(), t.urgent);
+    let policy = desk.policies.of(t.category(), t.urgent);
     let mut clocks = clocks(conn, t.ticket_id).await?;
     let mut changed = Changed::default();
     // A late response is a breach too, even if the watcher has not seen it yet.
@@ -435,7 +435,7 @@ pub async fn recategorise(
         return Ok(());
     }
     let old = t.category();
-    let policy = ticket::policy(category, t.urgent);
+    let policy = desk.policies.of(category, t.urgent);
     let targets = ticket::clock_targets(&policy, &desk.calendar);
     let mut clocks = clocks(conn, t.ticket_id).await?;
     for c in clocks.iter_mut() {

@@ -112,6 +112,8 @@ pub fn next_states(from: State) -> Vec<State> {
 /// A target of an SLA policy, in the calendar's terms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
+    /// Counted seconds.
+    Seconds(i64),
     /// Counted minutes.
     Minutes(i64),
     /// Counted hours.
@@ -124,6 +126,7 @@ impl Target {
     /// In counted seconds on `cal`.
     pub fn seconds(self, cal: &Calendar, counting: Counting) -> i64 {
         match self {
+            Target::Seconds(s) => s,
             Target::Minutes(m) => m * 60,
             Target::Hours(h) => h * 3600,
             Target::BusinessDays(d) => match counting {
@@ -197,9 +200,88 @@ pub fn policy(category: Category, urgent: bool) -> Policy {
     }
 }
 
-/// Every policy, for ListSlaPolicies.
-pub fn all_policies() -> Vec<Policy> {
-    Category::ALL.into_iter().flat_map(|c| [policy(c, false), policy(c, true)]).collect()
+/// The SLA policies in force: the SPEC defaults of [`policy`], with targets
+/// overridden by configuration (`FEEDBACK_SLA_POLICIES`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policies(Vec<Policy>);
+
+impl Default for Policies {
+    fn default() -> Self {
+        Policies(Category::ALL.into_iter().flat_map(|c| [policy(c, false), policy(c, true)]).collect())
+    }
+}
+
+impl Policies {
+    /// The policy of a ticket.
+    pub fn of(&self, category: Category, urgent: bool) -> Policy {
+        self.0
+            .iter()
+            .find(|p| p.category == category && p.urgent == urgent)
+            .copied()
+            .unwrap_or_else(|| policy(category, urgent))
+    }
+
+    /// Every policy, for ListSlaPolicies.
+    pub fn all(&self) -> &[Policy] {
+        &self.0
+    }
+
+    /// The defaults with overrides such as
+    /// `complaint=1h/6h, suggestion=3d, inquiry=1d, other=1d, urgent=15m, complaint.urgent=10m/4h`:
+    /// a category (or `urgent` for every urgent policy), then the first-response
+    /// target and optionally `/` the resolution target; units `s`, `m`, `h`, and
+    /// `d` (working days on the business calendar, days for urgent ones).
+    pub fn parse(spec: &str) -> Result<Policies, String> {
+        let mut out = Policies::default();
+        for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (who, targets) =
+                part.split_once('=').ok_or_else(|| format!("{part:?} is not <category>=<target>[/<target>]"))?;
+            let (first, resolution) = match targets.split_once('/') {
+                Some((a, b)) => (parse_target(a)?, Some(parse_target(b)?)),
+                None => (parse_target(targets)?, None),
+            };
+            let (name, urgent) = match who.trim() {
+                "urgent" => ("", Some(true)),
+                w => match w.strip_suffix(".urgent") {
+                    Some(c) => (c, Some(true)),
+                    None => (w, Some(false)),
+                },
+            };
+            let category = if name.is_empty() {
+                None
+            } else {
+                Some(
+                    Category::from_key(name)
+                        .ok_or_else(|| format!("{name:?} is not complaint, suggestion, inquiry or other"))?,
+                )
+            };
+            for p in out.0.iter_mut() {
+                if category.is_none_or(|c| c == p.category) && urgent.is_none_or(|u| u == p.urgent) {
+                    p.first_response = first;
+                    if resolution.is_some() {
+                        p.resolution = resolution;
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn parse_target(s: &str) -> Result<Target, String> {
+    let s = s.trim();
+    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: i64 = n.parse().map_err(|_| format!("{s:?} is not a duration such as 30s, 15m, 6h or 3d"))?;
+    if n <= 0 {
+        return Err(format!("{s:?}: a target must be positive"));
+    }
+    match unit {
+        "s" => Ok(Target::Seconds(n)),
+        "m" => Ok(Target::Minutes(n)),
+        "h" => Ok(Target::Hours(n)),
+        "d" => Ok(Target::BusinessDays(n)),
+        _ => Err(format!("{s:?}: the unit must be s, m, h or d")),
+    }
 }
 
 /// The clocks a policy runs and their targets in counted seconds.
@@ -299,7 +381,30 @@ mod tests {
         assert_eq!(urgent.counting, Counting::Always);
         assert!(!urgent.pausable);
         assert_eq!(policy(Category::ProductSuggestion, false).queue, "product");
-        assert_eq!(all_policies().len(), 8);
+        assert_eq!(Policies::default().all().len(), 8);
+    }
+
+    #[test]
+    fn policies_are_configurable_and_bad_ones_say_why() {
+        let p = Policies::parse("complaint=30m/4h, urgent=5m, inquiry=2d").unwrap();
+        let cal = Calendar::office(chrono_tz::Asia::Shanghai);
+        use ClockKind::*;
+        assert_eq!(
+            clock_targets(&p.of(Category::ServiceComplaint, false), &cal),
+            [(FirstResponse, 1800), (Resolution, 14_400)]
+        );
+        assert_eq!(clock_targets(&p.of(Category::FunctionInquiry, false), &cal), [(FirstResponse, 2 * 9 * 3600)]);
+        assert_eq!(clock_targets(&p.of(Category::Other, true), &cal)[0], (FirstResponse, 300));
+        assert_eq!(p.of(Category::ProductSuggestion, false), policy(Category::ProductSuggestion, false), "untouched");
+        let s = Policies::parse("complaint.urgent=20s/90s").unwrap();
+        assert_eq!(
+            clock_targets(&s.of(Category::ServiceComplaint, true), &cal),
+            [(FirstResponse, 20), (Resolution, 90)]
+        );
+        assert_eq!(Policies::parse("").unwrap(), Policies::default());
+        for bad in ["complaint", "gripe=1h", "complaint=1w", "complaint=0m", "complaint=h"] {
+            assert!(Policies::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -105,6 +105,7 @@ pub async fn start_at(at: DateTime<Utc>) -> App {
         pool: kit.pg.clone(),
         classifier: crm_feedback::classifier().expect("classifier"),
         calendar: Arc::new(Calendar::office(chrono_tz::Asia::Shanghai)),
+        policies: Arc::new(crm_feedback::domain::ticket::Policies::default()),
         clock: clock.clone(),
         profiles: Some(profiles.clone()),
         outreach: Some(outreach.clone()),
