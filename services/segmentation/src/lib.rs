@@ -61,7 +61,7 @@ pub fn access_policy() -> AccessPolicy {
 /// worker and schedule, the outbox relay and the API.
 pub async fn run(mut kit: Kit) -> Result<(), KitError> {
     kit.spawn_outbox_relay();
-    kit.spawn_consumer(&["profiles"], read_model::ReadModel)?;
+    kit.spawn_consumer(&["profiles", "feedback"], read_model::ReadModel)?;
     let signal = kit.shutdown_signal();
     kit.spawn(jobs::run(kit.pg.clone(), kit.config.consumer_name.clone(), domain::Thresholds::default(), signal));
     let routes = tonic::service::Routes::new(SegmentationServiceServer::new(api::SegmentationApi::new(kit.pg.clone())));

@@ -1,6 +1,8 @@
-//! Segmentation's read model, built only from profiles' events (SPEC 2,
-//! issue 4 deliverable 1): customers with the attributes segment rules use,
-//! their transactions, interactions and consent.
+//! Segmentation's read model, built only from other services' events (SPEC
+//! 2, issue 4 deliverable 1): from profiles, customers with the attributes
+//! segment rules use, their transactions, interactions and consent; from
+//! feedback (SEG-5), open complaint tickets and bad service experiences (an
+//! SLA breach on a ticket, a CSAT of 1-2).
 //!
 //! - Idempotent: the kit's inbox applies each event once; rows are keyed by
 //!   their natural ids as well.
@@ -113,9 +115,65 @@ async fn apply_profile(
     Ok(())
 }
 
+/// SEG-5 from feedback's events: complaint tickets open and close; SLA
+/// breaches and CSAT answers of 1-2 are bad experiences. Facts follow merges.
+async fn feedback(tx: &mut PgConnection, event: &Event, at: Option<DateTime<Utc>>) -> Result<(), HandlerError> {
+    use crm_proto::feedback::v1 as fb;
+    let complaint = |c: i32| c == fb::Category::ServiceComplaint as i32;
+    let when = at.unwrap_or_else(Utc::now);
+    if let Some(e) = event.payload::<fb::TicketOpened>()? {
+        let t = e.ticket.ok_or_else(|| HandlerError::Permanent("TicketOpened without a ticket".into()))?;
+        if complaint(t.category) {
+            let c = live(tx, id(&t.customer_id)?).await?;
+            sqlx::query("INSERT INTO complaint_tickets (ticket_id, customer_id, open) VALUES ($1, $2, true) ON CONFLICT DO NOTHING")
+                .bind(id(&t.ticket_id)?)
+                .bind(c)
+                .execute(&mut *tx)
+                .await?;
+        }
+    } else if let Some(e) = event.payload::<fb::TicketResolved>()? {
+        sqlx::query("UPDATE complaint_tickets SET open = false WHERE ticket_id = $1")
+            .bind(id(&e.ticket_id)?)
+            .execute(&mut *tx)
+            .await?;
+    } else if let Some(e) = event.payload::<fb::TicketVerified>()? {
+        // Not confirmed by the customer: the complaint is open again.
+        sqlx::query("UPDATE complaint_tickets SET open = NOT $2 WHERE ticket_id = $1")
+            .bind(id(&e.ticket_id)?)
+            .bind(e.confirmed)
+            .execute(&mut *tx)
+            .await?;
+    } else if let Some(e) = event.payload::<fb::SlaBreached>()? {
+        let c = live(tx, id(&e.customer_id)?).await?;
+        bad_experience(tx, c, when).await?;
+    } else if let Some(e) = event.payload::<fb::SurveyAnswered>()? {
+        let r = e.response.unwrap_or_default();
+        if r.kind == fb::SurveyKind::Csat as i32 && (1..=2).contains(&r.score) {
+            let c = live(tx, id(&r.customer_id)?).await?;
+            bad_experience(tx, c, when).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn bad_experience(tx: &mut PgConnection, customer: Uuid, at: DateTime<Utc>) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO bad_experiences (customer_id, last_at) VALUES ($1, $2) \
+         ON CONFLICT (customer_id) DO UPDATE SET last_at = GREATEST(bad_experiences.last_at, $2)",
+    )
+    .bind(customer)
+    .bind(at)
+    .execute(&mut *tx)
+    .await
+    .map(|_| ())
+}
+
 impl EventHandler for ReadModel {
     async fn handle(&self, tx: &mut PgConnection, event: &Event) -> Result<(), HandlerError> {
         let at = time(event.envelope.occurred_at.as_ref());
+        if event.envelope.source == "feedback" {
+            return feedback(tx, event, at).await;
+        }
         if let Some(at) = at {
             sqlx::query(
                 "INSERT INTO freshness (singleton, newest_event_at) VALUES (true, $1) \
@@ -207,7 +265,15 @@ impl EventHandler for ReadModel {
                 .bind(survivor)
                 .execute(&mut *tx)
                 .await?;
-            for table in ["transactions", "interactions"] {
+            sqlx::query(
+                "INSERT INTO bad_experiences (customer_id, last_at) SELECT $2, last_at FROM bad_experiences WHERE customer_id = $1 \
+                 ON CONFLICT (customer_id) DO UPDATE SET last_at = GREATEST(bad_experiences.last_at, EXCLUDED.last_at)",
+            )
+            .bind(loser)
+            .bind(survivor)
+            .execute(&mut *tx)
+            .await?;
+            for table in ["transactions", "interactions", "complaint_tickets"] {
                 // Table names are constants of this module.
                 let sql = format!("UPDATE {table} SET customer_id = $2 WHERE customer_id = $1");
                 sqlx::query(sqlx::AssertSqlSafe(sql)).bind(loser).bind(survivor).execute(&mut *tx).await?;

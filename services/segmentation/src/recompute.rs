@@ -91,7 +91,9 @@ pub fn features_sql() -> String {
            100 * percent_rank() OVER (ORDER BY COALESCE(f.spend_12m, 0)) AS m_pct, \
            ARRAY[{month_list}]::bigint[] AS months, \
            s.tier AS old_tier, s.tier_since AS old_tier_since, s.lifecycle_stage AS old_stage, s.lifecycle_since AS old_stage_since, \
-           s.churn_level AS old_churn_level \
+           s.churn_level AS old_churn_level, \
+           EXISTS (SELECT 1 FROM complaint_tickets ct WHERE ct.customer_id = f.customer_id AND ct.open) AS open_complaint, \
+           EXISTS (SELECT 1 FROM bad_experiences be WHERE be.customer_id = f.customer_id AND be.last_at >= $1 - interval '90 days') AS bad_experience \
          FROM f LEFT JOIN customer_scores s USING (customer_id)",
         months = months.join(", "),
         month_list = (0..MONTHS).map(|i| format!("COALESCE(f.m{i}, 0)")).collect::<Vec<_>>().join(", "),
@@ -193,6 +195,9 @@ pub async fn run(pool: &PgPool, thresholds: &Thresholds, now: DateTime<Utc>) -> 
                     spend_last_3m_minor: spend_3m,
                     spend_previous_3m_minor: spend_prev_3m,
                     days_without_login: days(now, last_login),
+                    // SEG-5: from feedback's events; a bad experience counts for 90 days.
+                    open_complaint: row.try_get("open_complaint")?,
+                    bad_service_experience: row.try_get("bad_experience")?,
                     ..Default::default()
                 },
                 thresholds,

@@ -322,3 +322,81 @@ async fn seg7_two_workers_at_once_claim_each_operation_once_and_recompute_one_at
     let moves_after: i64 = sqlx::query_scalar("SELECT count(*) FROM tier_moves").fetch_one(&pool).await.expect("moves");
     assert_eq!(moves_after, 1500, "the operation moved nothing new");
 }
+
+fn feedback_event<T: prost::Name + Message>(payload: &T, at: DateTime<Utc>) -> crm_kit::consumer::Event {
+    crm_kit::consumer::Event {
+        envelope: crm_proto::common::v1::EventEnvelope {
+            event_id: Uuid::now_v7().to_string(),
+            event_type: T::full_name(),
+            source: "feedback".into(),
+            occurred_at: Some(prost_types::Timestamp { seconds: at.timestamp(), nanos: 0 }),
+            payload: Some(prost_types::Any::from_msg(payload).expect("pack")),
+            ..Default::default()
+        },
+        stream: "crm.feedback.events".into(),
+        stream_id: "0-1".into(),
+    }
+}
+
+async fn churn_rules(pool: &PgPool, id: Uuid) -> Vec<String> {
+    let risk: Vec<u8> = sqlx::query_scalar("SELECT churn_risk FROM customer_scores WHERE customer_id = $1")
+        .bind(id)
+        .fetch_one(pool)
+        .await
+        .expect("scores");
+    pb::ChurnRisk::decode(risk.as_slice()).expect("risk").reasons.into_iter().map(|r| r.rule).collect()
+}
+
+#[tokio::test]
+async fn seg5_an_open_complaint_and_a_bad_csat_from_feedback_raise_churn_risk_until_resolved() {
+    use crm_kit::consumer::EventHandler;
+    use crm_proto::feedback::v1 as fb;
+    let config = testing::config("segmentation").await;
+    let pool = crm_kit::db::pg_pool(&config).expect("pool");
+    crm_kit::db::migrate(&pool, &config.database_schema, crm_segmentation::SPEC.migrator).await.expect("migrate");
+    let (_, horizon) = load(&pool, 50).await;
+    let id = Uuid::from_u128(1);
+    let ticket = Uuid::now_v7();
+    let opened = fb::TicketOpened {
+        ticket: Some(fb::Ticket {
+            ticket_id: ticket.to_string(),
+            customer_id: id.to_string(),
+            category: fb::Category::ServiceComplaint as i32,
+            ..Default::default()
+        }),
+    };
+    let csat = fb::SurveyAnswered {
+        response: Some(fb::SurveyResponse {
+            customer_id: id.to_string(),
+            kind: fb::SurveyKind::Csat as i32,
+            score: 2,
+            ..Default::default()
+        }),
+    };
+    let handler = crm_segmentation::read_model::ReadModel;
+    let mut tx = pool.begin().await.unwrap();
+    for e in [feedback_event(&opened, horizon), feedback_event(&csat, horizon)] {
+        handler.handle(&mut tx, &e).await.expect("applied");
+    }
+    tx.commit().await.unwrap();
+    recompute::run(&pool, &Thresholds::default(), horizon).await.expect("recompute");
+    let rules = churn_rules(&pool, id).await;
+    assert!(rules.contains(&"UNRESOLVED_COMPLAINT".to_string()), "{rules:?}");
+    assert!(rules.contains(&"BAD_SERVICE_EXPERIENCE".to_string()), "{rules:?}");
+
+    // Resolved: the complaint no longer counts; the bad experience does for 90 days.
+    let resolved =
+        fb::TicketResolved { ticket_id: ticket.to_string(), customer_id: id.to_string(), ..Default::default() };
+    let mut tx = pool.begin().await.unwrap();
+    handler.handle(&mut tx, &feedback_event(&resolved, horizon)).await.expect("applied");
+    tx.commit().await.unwrap();
+    recompute::run(&pool, &Thresholds::default(), horizon).await.expect("recompute");
+    let rules = churn_rules(&pool, id).await;
+    assert!(!rules.contains(&"UNRESOLVED_COMPLAINT".to_string()), "{rules:?}");
+    assert!(rules.contains(&"BAD_SERVICE_EXPERIENCE".to_string()));
+    recompute::run(&pool, &Thresholds::default(), horizon + chrono::Duration::days(91)).await.expect("recompute");
+    assert!(
+        !churn_rules(&pool, id).await.contains(&"BAD_SERVICE_EXPERIENCE".to_string()),
+        "90 days later it has passed"
+    );
+}
