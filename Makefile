@@ -4,12 +4,13 @@ CARGO ?= cargo
 # Every service with a binary under services/ (crm-<name>).
 SERVICES := $(notdir $(patsubst %/src/main.rs,%,$(wildcard services/*/src/main.rs)))
 
-.PHONY: help test lint fmt run stop logs token datagen bench bench-segmentation bench-outreach bench-feedback backing-services clean-local
+.PHONY: help test lint fmt run demo stop logs token datagen bench bench-segmentation bench-outreach bench-feedback backing-services clean-local
 
 help:
 	@echo "make test      run every test (starts PostgreSQL and Redis if needed)"
 	@echo "make lint      cargo fmt --check and clippy -D warnings"
-	@echo "make run       start PostgreSQL, Redis and every service locally ($(SERVICES))"
+	@echo "make run       start PostgreSQL, Redis and every service locally ($(SERVICES)); the first start runs the demo"
+	@echo "make demo      run the retention loop end to end on generated data and print its KPIs (starts the suite if needed)"
 	@echo "make stop      stop the services started by make run"
 	@echo "make logs      follow the services' logs"
 	@echo "make token     print an admin token (with pii:read) for grpcurl"
@@ -34,6 +35,10 @@ fmt:
 
 run: backing-services
 	@bash scripts/run-local.sh start $(SERVICES)
+
+demo: backing-services
+	@DEMO=skip bash scripts/run-local.sh start $(SERVICES)
+	@JWT_SECRET_FILE=.local/jwt-secret ./target/local/crm-demo run
 
 stop:
 	@bash scripts/run-local.sh stop $(SERVICES)

@@ -32,12 +32,13 @@ if [[ ${#services[@]} -eq 0 ]]; then
   echo "No service exists yet under services/: nothing to start."; exit 0
 fi
 [[ -s $JWT_SECRET_FILE ]] || { head -c 48 /dev/urandom | base64 | tr -d '\n' > "$JWT_SECRET_FILE"; chmod 600 "$JWT_SECRET_FILE"; }
-echo "building the services..."
-cargo build --locked -q $(printf -- '-p crm-%s ' "${services[@]}") -p crm-kit -p crm-demo --bins
+echo "building the services (optimised; the first build takes a few minutes)..."
+cargo build --locked -q --profile local $(printf -- '-p crm-%s ' "${services[@]}") -p crm-kit -p crm-demo --bins
+bin=target/local
 for s in "${services[@]}"; do
   if alive "$s"; then echo "$s already running (pid $(cat ".local/$s.pid"))"; continue; fi
-  ./target/debug/crm-"$s" migrate >> ".local/logs/$s.log" 2>&1 || { echo "migrating $s failed: see .local/logs/$s.log"; exit 1; }
-  SHUTDOWN_DRAIN_DELAY_MS=0 nohup ./target/debug/crm-"$s" serve >> ".local/logs/$s.log" 2>&1 &
+  "$bin/crm-$s" migrate >> ".local/logs/$s.log" 2>&1 || { echo "migrating $s failed: see .local/logs/$s.log"; exit 1; }
+  SHUTDOWN_DRAIN_DELAY_MS=0 CONSUMER_BATCH_SIZE=${CONSUMER_BATCH_SIZE:-500} nohup "$bin/crm-$s" serve >> ".local/logs/$s.log" 2>&1 &
   echo $! > ".local/$s.pid"
 done
 for s in "${services[@]}"; do
@@ -47,6 +48,11 @@ for s in "${services[@]}"; do
   echo "  $s: grpc 127.0.0.1:$port  metrics http://127.0.0.1:$((port + 1000))/metrics  log .local/logs/$s.log"
 done
 if [[ -x scripts/load-demo-data.sh ]]; then bash scripts/load-demo-data.sh; fi
+# The first start also runs the retention loop once (make demo runs it again).
+if [[ ${DEMO:-} != skip && ! -f .local/demo-done ]] && [[ -x $bin/crm-demo ]]; then
+  echo "first start: running the retention loop demo (make demo runs it again)..."
+  if "$bin/crm-demo" run; then touch .local/demo-done; else echo "the demo failed: see .local/logs/"; fi
+fi
 cat <<TXT
 
 Services are running. Get a token and call them, e.g.:

@@ -107,6 +107,9 @@ pub async fn config(service: &str) -> KitConfig {
     cfg.consumer_block = Duration::from_millis(200);
     cfg.consumer_claim_idle = Duration::from_millis(500);
     cfg.consumer_name = unique_name("c");
+    // Streams of its own: a test or benchmark never publishes into the
+    // `crm.*.events` streams of a suite running on the same machine.
+    cfg.event_stream_prefix = unique_name("t");
     cfg
 }
 

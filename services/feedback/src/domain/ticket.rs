@@ -230,12 +230,17 @@ impl Policies {
     /// `complaint=1h/6h, suggestion=3d, inquiry=1d, other=1d, urgent=15m, complaint.urgent=10m/4h`:
     /// a category (or `urgent` for every urgent policy), then the first-response
     /// target and optionally `/` the resolution target; units `s`, `m`, `h`, and
-    /// `d` (working days on the business calendar, days for urgent ones).
+    /// `d` (working days on the business calendar, days for urgent ones); a
+    /// trailing `@24x7` counts every second instead of business hours.
     pub fn parse(spec: &str) -> Result<Policies, String> {
         let mut out = Policies::default();
         for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let (who, targets) =
                 part.split_once('=').ok_or_else(|| format!("{part:?} is not <category>=<target>[/<target>]"))?;
+            let (targets, around_the_clock) = match targets.trim().strip_suffix("@24x7") {
+                Some(t) => (t, true),
+                None => (targets, false),
+            };
             let (first, resolution) = match targets.split_once('/') {
                 Some((a, b)) => (parse_target(a)?, Some(parse_target(b)?)),
                 None => (parse_target(targets)?, None),
@@ -260,6 +265,9 @@ impl Policies {
                     p.first_response = first;
                     if resolution.is_some() {
                         p.resolution = resolution;
+                    }
+                    if around_the_clock {
+                        p.counting = Counting::Always;
                     }
                 }
             }
@@ -401,6 +409,9 @@ mod tests {
             clock_targets(&s.of(Category::ServiceComplaint, true), &cal),
             [(FirstResponse, 20), (Resolution, 90)]
         );
+        let always = Policies::parse("complaint=2h/8h@24x7").unwrap();
+        assert_eq!(always.of(Category::ServiceComplaint, false).counting, Counting::Always);
+        assert_eq!(p.of(Category::ServiceComplaint, false).counting, Counting::BusinessHours);
         assert_eq!(Policies::parse("").unwrap(), Policies::default());
         for bad in ["complaint", "gripe=1h", "complaint=1w", "complaint=0m", "complaint=h"] {
             assert!(Policies::parse(bad).is_err(), "{bad}");
