@@ -280,7 +280,7 @@ where
         if Instant::now() > deadline {
             return Err(format!("timed out after {} s waiting for {what}", patience.as_secs()));
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
@@ -472,17 +472,24 @@ pub async fn retention_loop(suite: &Suite, cfg: &LoopConfig) -> Result<Report, S
         .map_err(status("CreateCampaign"))?
         .into_inner();
     report.campaign = campaign.campaign_id.clone();
-    // outreach learns the segment's members from segmentation's events.
-    let audience = wait("outreach to know the segment's members", cfg.patience, || {
+    // outreach learns the segment's members from segmentation's events, and
+    // the customers' consent from profiles' (granted by most of them): wait
+    // until its preview has the members and a steady estimate of what the
+    // policy suppresses that no longer covers most of the audience.
+    let last_suppressed = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(-1));
+    let audience = wait("outreach to know the segment's members and their consent", cfg.patience, || {
         let mut o = o.clone();
         let id = campaign.campaign_id.clone();
+        let last = last_suppressed.clone();
         async move {
             let p = o
                 .preview_campaign(out::PreviewCampaignRequest { campaign_id: id })
                 .await
                 .map_err(status("PreviewCampaign"))?
                 .into_inner();
-            Ok((p.audience_size as usize >= members).then_some(p.audience_size as usize))
+            let previous = last.swap(p.suppressed_estimate, std::sync::atomic::Ordering::SeqCst);
+            let steady = p.suppressed_estimate == previous && p.suppressed_estimate * 2 < p.audience_size;
+            Ok((p.audience_size as usize >= members && steady).then_some(p.audience_size as usize))
         }
     })
     .await?;
