@@ -45,7 +45,19 @@ pub async fn migrate(pool: &PgPool, schema: &str, service: &Migrator) -> Result<
         return Err(MigrateError::Execute(sqlx::Error::Configuration(format!("bad schema name {schema:?}").into())));
     }
     // The name was checked to be a plain identifier above, so quoting it is safe.
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""))).execute(pool).await?;
+    let created =
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""))).execute(pool).await;
+    if let Err(e) = created {
+        // Two replicas starting at once can both pass IF NOT EXISTS; the loser
+        // gets a unique violation on pg_namespace although the schema is there.
+        let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+            .bind(schema)
+            .fetch_one(pool)
+            .await?;
+        if !exists {
+            return Err(e.into());
+        }
+    }
     let mut kit = sqlx::migrate!("./migrations");
     kit.dangerous_set_table_name("_kit_migrations");
     kit.run(pool).await?;

@@ -10,7 +10,8 @@
 //! ```
 //!
 //! - `grpc.health.v1`: NOT_SERVING until PostgreSQL answers, whenever it stops
-//!   answering, and from the moment SIGTERM arrives.
+//!   answering, and from the moment SIGTERM arrives (readiness); the service
+//!   name `liveness` stays SERVING while the process runs.
 //! - Server reflection v1 and v1alpha (grpcurl 1.8 speaks only v1alpha),
 //!   listing just this service, health and reflection.
 //! - The [`crate::edge`] layer (shedding, tracing, auth, deadlines, metrics).
@@ -37,6 +38,9 @@ use crate::edge::EdgeLayer;
 use crate::lifecycle::{Shutdown, ShutdownSignal};
 use crate::metrics::Metrics;
 use crate::outbox::OutboxRelay;
+
+/// The health service name of liveness (Kubernetes `livenessProbe.grpc.service`).
+pub const LIVENESS: &str = "liveness";
 
 /// What the kit needs to know about a service.
 #[derive(Debug, Clone, Copy)]
@@ -110,6 +114,9 @@ impl Kit {
         let (health, _) = tonic_health::server::health_reporter();
         // tonic-health starts out SERVING; nothing is until PostgreSQL answers.
         set_status(&health, spec.grpc_services, false).await;
+        // Liveness: SERVING for as long as the process runs, even while
+        // PostgreSQL is away or the replica drains (a restart would not help).
+        health.set_service_status(LIVENESS, ServingStatus::Serving).await;
         if config.migrate_on_start {
             migrate_with_retry(&pg, &config.database_schema, spec.migrator, Duration::from_secs(30)).await?;
         }

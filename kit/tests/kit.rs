@@ -490,6 +490,14 @@ async fn postgres_unreachable_means_not_serving_and_fast_unavailable() {
     tokio::time::sleep(Duration::from_millis(400)).await;
     let status = health.check(HealthCheckRequest { service: String::new() }).await.expect("health").into_inner().status;
     assert_eq!(status, ServingStatus::NotServing as i32);
+    // Not ready, but alive: Kubernetes must not restart it for the database's outage.
+    let live = health
+        .check(HealthCheckRequest { service: crm_kit::server::LIVENESS.into() })
+        .await
+        .expect("liveness")
+        .into_inner()
+        .status;
+    assert_eq!(live, ServingStatus::Serving as i32);
 
     let started = std::time::Instant::now();
     let err = common::client(&run.url, common::admin())
@@ -511,4 +519,24 @@ async fn log_fields_carry_the_trace_id() {
     let seen = span.in_scope(telemetry::current_trace_id);
     assert_eq!(seen, expected);
     assert_eq!(seen.len(), 32);
+}
+
+/// OPS-2: replicas that start together (plain manifests, MIGRATE_ON_START)
+/// all migrate the same fresh schema without an error.
+#[tokio::test]
+async fn replicas_migrating_one_fresh_schema_at_once_all_succeed() {
+    let config = common::test_config().await;
+    let mut runs = Vec::new();
+    for _ in 0..4 {
+        let pool = crm_kit::db::pg_pool(&config).expect("pool");
+        let schema = config.database_schema.clone();
+        runs.push(tokio::spawn(async move { crm_kit::db::migrate(&pool, &schema, &common::MIGRATOR).await }));
+    }
+    for run in runs {
+        run.await.expect("task").expect("every replica migrates");
+    }
+    let pool = crm_kit::db::pg_pool(&config).expect("pool");
+    let applied: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations").fetch_one(&pool).await.expect("migrations table");
+    assert_eq!(applied as usize, common::MIGRATOR.iter().count(), "each migration applied once");
 }
