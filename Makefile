@@ -4,11 +4,13 @@ CARGO ?= cargo
 # Every service with a binary under services/ (crm-<name>).
 SERVICES := $(notdir $(patsubst %/src/main.rs,%,$(wildcard services/*/src/main.rs)))
 
-.PHONY: help test lint fmt run demo stop logs token datagen bench bench-segmentation bench-outreach bench-feedback backing-services clean-local
+.PHONY: help test lint fmt run demo stop logs token datagen bench bench-segmentation bench-outreach bench-feedback bench-analytics backing-services clean-local check-deploy k8s
 
 help:
-	@echo "make test      run every test (starts PostgreSQL and Redis if needed)"
+	@echo "make test      run every test, then the deployment checks (starts PostgreSQL and Redis if needed)"
 	@echo "make lint      cargo fmt --check and clippy -D warnings"
+	@echo "make check-deploy  the Helm chart and k8s/ checks alone (part of make test)"
+	@echo "make k8s       regenerate k8s/base from the chart after changing it"
 	@echo "make run       start PostgreSQL, Redis and every service locally ($(SERVICES)); the first start runs the demo"
 	@echo "make demo      run the retention loop end to end on generated data and print its KPIs (starts the suite if needed)"
 	@echo "make stop      stop the services started by make run"
@@ -19,12 +21,20 @@ help:
 	@echo "make bench-segmentation  segmentation recompute vs the bare aggregate query (BENCH_RECOMPUTE_CUSTOMERS=)"
 	@echo "make bench-outreach  a campaign through the contact policy on two replicas, with a violation checker (BENCH_OUTREACH_CUSTOMERS=)"
 	@echo "make bench-feedback  classification quality and speed, intake at a steady rate (BENCH_FEEDBACK_RATE=, BENCH_SECONDS=)"
+	@echo "make bench-analytics event ingestion vs a bare INSERT; KPI queries on 1 M customers vs full scans (BENCH_ANALYTICS_CUSTOMERS=)"
 
 backing-services:
 	@bash scripts/ensure-backing-services.sh
 
 test: backing-services
 	$(CARGO) test --workspace --locked
+	@bash scripts/check-deploy.sh
+
+check-deploy:
+	@bash scripts/check-deploy.sh
+
+k8s:
+	@bash scripts/render-k8s.sh
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -59,18 +69,23 @@ clean-local: stop
 # Benchmarks are not part of `make test` or CI: release build, about 3 minutes.
 bench: backing-services
 	$(CARGO) build --release --locked -q -p crm-bench
-	RUST_LOG=warn ./target/release/crm-bench --customers $${BENCH_CUSTOMERS:-1000000} --seconds $${BENCH_SECONDS:-10} | tee target/bench-latest.md
+	RUST_LOG=warn,sqlx=error ./target/release/crm-bench --customers $${BENCH_CUSTOMERS:-1000000} --seconds $${BENCH_SECONDS:-10} | tee target/bench-latest.md
 
 # Issue 4: full segmentation recompute vs the bare aggregate query (the floor), same run.
 bench-segmentation: backing-services
 	$(CARGO) build --release --locked -q -p crm-bench
-	RUST_LOG=warn ./target/release/crm-bench --recompute $${BENCH_RECOMPUTE_CUSTOMERS:-1000000} | tee target/bench-segmentation-latest.md
+	RUST_LOG=warn,sqlx=error ./target/release/crm-bench --recompute $${BENCH_RECOMPUTE_CUSTOMERS:-1000000} | tee target/bench-segmentation-latest.md
 
 bench-outreach: backing-services
 	$(CARGO) build --release --locked -q -p crm-bench
-	RUST_LOG=warn ./target/release/crm-bench --outreach $${BENCH_OUTREACH_CUSTOMERS:-1000000} | tee target/bench-outreach-latest.md
+	RUST_LOG=warn,sqlx=error ./target/release/crm-bench --outreach $${BENCH_OUTREACH_CUSTOMERS:-1000000} | tee target/bench-outreach-latest.md
 
 # Issue 6: classification on the evaluation set, the classifier vs bare segmentation, intake open loop vs a bare INSERT.
 bench-feedback: backing-services
 	$(CARGO) build --release --locked -q -p crm-bench
-	RUST_LOG=warn ./target/release/crm-bench --feedback $${BENCH_FEEDBACK_RATE:-500} --seconds $${BENCH_SECONDS:-20} | tee target/bench-feedback-latest.md
+	RUST_LOG=warn,sqlx=error ./target/release/crm-bench --feedback $${BENCH_FEEDBACK_RATE:-500} --seconds $${BENCH_SECONDS:-20} | tee target/bench-feedback-latest.md
+
+# Issue 7: ingestion through the bus vs a bare INSERT; KPI queries on a large base vs full-scan SQL.
+bench-analytics: backing-services
+	$(CARGO) build --release --locked -q -p crm-bench
+	RUST_LOG=warn,sqlx=error ./target/release/crm-bench --analytics $${BENCH_INGEST_CUSTOMERS:-50000} $${BENCH_ANALYTICS_CUSTOMERS:-1000000} | tee target/bench-analytics-latest.md
