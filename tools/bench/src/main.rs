@@ -16,7 +16,9 @@
 //!
 //! Usage: crm-bench [--customers N] [--seconds S] [--reads-only | --import-only]
 //!        crm-bench --outreach N | --recompute N | --consume N | --feedback RATE
+//!        crm-bench --analytics INGEST_CUSTOMERS KPI_CUSTOMERS
 
+mod analytics;
 mod feedback;
 mod outreach;
 
@@ -324,6 +326,7 @@ async fn main() {
     let mut consume_events: Option<usize> = None;
     let mut outreach_customers: Option<usize> = None;
     let mut feedback_rate: Option<u64> = None;
+    let mut analytics_customers: Option<(usize, usize)> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -335,12 +338,22 @@ async fn main() {
             "--consume" => consume_events = args.next().and_then(|v| v.parse().ok()),
             "--outreach" => outreach_customers = args.next().and_then(|v| v.parse().ok()),
             "--feedback" => feedback_rate = args.next().and_then(|v| v.parse().ok()),
+            "--analytics" => {
+                let ingest =
+                    args.next().and_then(|v| v.parse().ok()).expect("--analytics INGEST_CUSTOMERS KPI_CUSTOMERS");
+                let kpi = args.next().and_then(|v| v.parse().ok()).expect("--analytics INGEST_CUSTOMERS KPI_CUSTOMERS");
+                analytics_customers = Some((ingest, kpi));
+            }
             other => panic!("unknown argument {other}"),
         }
     }
     let duration = Duration::from_secs(seconds);
     if let Some(n) = recompute_customers {
         recompute_vs_floor(n).await;
+        return;
+    }
+    if let Some((ingest, kpi)) = analytics_customers {
+        analytics::run(ingest, kpi).await;
         return;
     }
     if let Some(rate) = feedback_rate {
