@@ -25,10 +25,15 @@ where
     match command {
         "serve" | "migrate" => {}
         "config" => {
-            println!("Environment variables of {} (default, meaning):", spec.name);
+            // Written without println!, which panics when the reader goes away (`config | head`).
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "Environment variables of {} (default, meaning):", spec.name);
             for v in KIT_VARS.iter().chain(spec.vars) {
                 let default = if v.default.is_empty() { "(unset)" } else { v.default };
-                println!("  {:<30} {:<30} {}", v.name, default, v.doc);
+                if writeln!(out, "  {:<30} {:<30} {}", v.name, default, v.doc).is_err() {
+                    break;
+                }
             }
             return ExitCode::SUCCESS;
         }
