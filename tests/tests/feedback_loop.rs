@@ -3,10 +3,9 @@
 //! receiver in the test); the feedback shows in the profiles timeline (PRF-5)
 //! and, once its ticket is resolved, the customer gets a resolution check.
 
-use std::time::Duration;
-
-use crm_e2e::{Receiver, ServiceProcess};
+use crm_e2e::{Receiver, ServiceProcess, wait_for};
 use crm_kit::Role;
+use crm_kit::testing::Bearer;
 use crm_proto::common::v1::Channel;
 use crm_proto::feedback::v1 as fb;
 use crm_proto::feedback::v1::feedback_service_client::FeedbackServiceClient;
@@ -14,25 +13,6 @@ use crm_proto::outreach::v1 as out;
 use crm_proto::outreach::v1::outreach_service_client::OutreachServiceClient;
 use crm_proto::profiles::v1 as pb;
 use crm_proto::profiles::v1::profiles_service_client::ProfilesServiceClient;
-
-fn with(token: String, traceparent: Option<String>) -> impl tonic::service::Interceptor + Clone {
-    move |mut req: tonic::Request<()>| {
-        let md = req.metadata_mut();
-        md.insert("authorization", format!("Bearer {token}").parse().expect("ascii"));
-        if let Some(tp) = &traceparent {
-            md.insert("traceparent", tp.parse().expect("ascii"));
-        }
-        Ok(req)
-    }
-}
-
-async fn wait_for<F: AsyncFnMut() -> bool>(what: &str, mut done: F) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !done().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 #[tokio::test]
 async fn intake_checks_profiles_and_acknowledges_through_outreach_in_one_trace() {
@@ -60,7 +40,7 @@ async fn intake_checks_profiles_and_acknowledges_through_outreach_in_one_trace()
     let admin = crm_kit::testing::token(&[Role::Admin], true);
     let mut p = ProfilesServiceClient::with_interceptor(
         crm_kit::client::channel(&profiles.url).unwrap(),
-        with(admin.clone(), None),
+        Bearer(admin.clone()),
     );
     let customer = p
         .create_customer(pb::CreateCustomerRequest {
@@ -86,21 +66,19 @@ async fn intake_checks_profiles_and_acknowledges_through_outreach_in_one_trace()
     let agent = crm_kit::testing::token(&[Role::Agent], false);
     let mut f = FeedbackServiceClient::with_interceptor(
         crm_kit::client::channel(&feedback.url).unwrap(),
-        with(agent.clone(), Some(traceparent)),
+        Bearer(agent.clone()),
     );
-    let submitted = f
-        .submit_feedback(fb::SubmitFeedbackRequest {
-            feedback: Some(fb::Feedback {
-                customer_id: customer.clone(),
-                channel: Channel::Email as i32,
-                text: "My parcel never arrived and nobody answers the hotline. Very disappointed.".into(),
-                ..Default::default()
-            }),
-            request_id: crm_kit::testing::unique_name("fb"),
-        })
-        .await
-        .expect("submit")
-        .into_inner();
+    let mut submit = tonic::Request::new(fb::SubmitFeedbackRequest {
+        feedback: Some(fb::Feedback {
+            customer_id: customer.clone(),
+            channel: Channel::Email as i32,
+            text: "My parcel never arrived and nobody answers the hotline. Very disappointed.".into(),
+            ..Default::default()
+        }),
+        request_id: crm_kit::testing::unique_name("fb"),
+    });
+    submit.metadata_mut().insert("traceparent", traceparent.parse().expect("ascii"));
+    let submitted = f.submit_feedback(submit).await.expect("submit").into_inner();
     let item = submitted.feedback.expect("feedback");
     assert!(item.customer_verified, "profiles confirmed the customer");
     let ticket = submitted.ticket.expect("a complaint opens a ticket");
@@ -108,7 +86,7 @@ async fn intake_checks_profiles_and_acknowledges_through_outreach_in_one_trace()
     // outreach recorded the acknowledgement for the customer.
     let mut o = OutreachServiceClient::with_interceptor(
         crm_kit::client::channel(&outreach.url).unwrap(),
-        with(admin.clone(), None),
+        Bearer(admin.clone()),
     );
     let messages = |o: &mut OutreachServiceClient<_>| {
         let req = out::ListMessagesRequest { customer_id: customer.clone(), page_size: 10, ..Default::default() };
@@ -151,7 +129,7 @@ async fn intake_checks_profiles_and_acknowledges_through_outreach_in_one_trace()
 
     // Closed loop: resolving the ticket asks the customer to confirm.
     let mut f =
-        FeedbackServiceClient::with_interceptor(crm_kit::client::channel(&feedback.url).unwrap(), with(agent, None));
+        FeedbackServiceClient::with_interceptor(crm_kit::client::channel(&feedback.url).unwrap(), Bearer(agent));
     for state in [fb::TicketState::Acknowledged, fb::TicketState::InProgress, fb::TicketState::Resolved] {
         f.transition_ticket(fb::TransitionTicketRequest {
             ticket_id: ticket.ticket_id.clone(),

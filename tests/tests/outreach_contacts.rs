@@ -4,10 +4,9 @@
 //! profiles at send time (an audited read); the contact shows in the
 //! customer's timeline in profiles.
 
-use std::time::Duration;
-
-use crm_e2e::ServiceProcess;
+use crm_e2e::{ServiceProcess, wait_for};
 use crm_kit::Role;
+use crm_kit::testing::Bearer;
 use crm_proto::outreach::v1 as out;
 use crm_proto::outreach::v1::outreach_service_client::OutreachServiceClient;
 use crm_proto::profiles::v1 as pb;
@@ -31,21 +30,6 @@ fn daytime_zone() -> &'static str {
         .expect("one of six zones spread around the world is in daytime")
 }
 
-fn bearer(token: String) -> impl tonic::service::Interceptor + Clone {
-    move |mut req: tonic::Request<()>| {
-        req.metadata_mut().insert("authorization", format!("Bearer {token}").parse().expect("ascii"));
-        Ok(req)
-    }
-}
-
-async fn wait_for<F: AsyncFnMut() -> bool>(what: &str, mut done: F) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !done().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test]
 async fn an_acknowledgement_greets_by_name_and_shows_in_the_profiles_timeline() {
     let prefix = crm_kit::testing::unique_name("e2e");
@@ -59,7 +43,7 @@ async fn an_acknowledgement_greets_by_name_and_shows_in_the_profiles_timeline() 
     let token = crm_kit::testing::token(&[Role::Admin], true);
     let mut p = ProfilesServiceClient::with_interceptor(
         crm_kit::client::channel(&profiles.url).expect("ch"),
-        bearer(token.clone()),
+        Bearer(token.clone()),
     );
     let zone = daytime_zone();
     let customer = p
@@ -96,7 +80,7 @@ async fn an_acknowledgement_greets_by_name_and_shows_in_the_profiles_timeline() 
 
     let service = crm_kit::testing::token(&[Role::Service], false);
     let mut o =
-        OutreachServiceClient::with_interceptor(crm_kit::client::channel(&outreach.url).expect("ch"), bearer(service));
+        OutreachServiceClient::with_interceptor(crm_kit::client::channel(&outreach.url).expect("ch"), Bearer(service));
     let ack = o
         .acknowledge_feedback(out::AcknowledgeFeedbackRequest {
             customer_id: customer.clone(),
