@@ -62,6 +62,25 @@ pub fn payload_id(s: &str) -> Result<Uuid, HandlerError> {
     Uuid::parse_str(s).map_err(|_| HandlerError::Permanent(format!("not an id: {s:?}")))
 }
 
+/// PRF-8: every id a CustomerErased covers (the customer and the ids merged into it).
+pub fn erased_ids(e: &crm_proto::profiles::v1::CustomerErased) -> Result<Vec<Uuid>, HandlerError> {
+    std::iter::once(&e.customer_id).chain(&e.alias_ids).map(|s| payload_id(s)).collect()
+}
+
+/// PRF-8: tells profiles this service has erased `customer_id` (ErasureConfirmed
+/// through the outbox, in the handler's transaction); failing to write it is transient.
+pub async fn confirm_erasure(
+    tx: &mut PgConnection,
+    service: &str,
+    customer_id: &str,
+    request_id: &str,
+) -> Result<(), HandlerError> {
+    crate::outbox::confirm_erasure(tx, service, customer_id, request_id)
+        .await
+        .map(drop)
+        .map_err(|e| HandlerError::Transient(e.to_string()))
+}
+
 /// A payload timestamp as UTC, if set and valid.
 pub fn payload_time(t: Option<&prost_types::Timestamp>) -> Option<chrono::DateTime<chrono::Utc>> {
     t.and_then(|t| chrono::DateTime::from_timestamp(t.seconds, t.nanos.clamp(0, 999_999_999) as u32))

@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use chrono::{DateTime, Duration, Utc};
 use chrono_tz::Tz;
-use crm_kit::consumer::{Event, EventHandler, HandlerError, payload_id, payload_time};
+use crm_kit::consumer::{Event, EventHandler, HandlerError, erased_ids, payload_id, payload_time};
 use crm_proto::feedback::v1 as fb;
 use crm_proto::outreach::v1 as out;
 use crm_proto::profiles::v1 as pf;
@@ -248,11 +248,7 @@ impl Ingest {
             }
             "CustomerErased" => {
                 if let Some(m) = e.payload::<pf::CustomerErased>()? {
-                    let mut ids = vec![payload_id(&m.customer_id)?];
-                    for a in &m.alias_ids {
-                        ids.push(payload_id(a)?);
-                    }
-                    return Ok(Some(Structural::Erased(ids, m.customer_id, e.envelope.request_id.clone())));
+                    return Ok(Some(Structural::Erased(erased_ids(&m)?, m.customer_id, e.envelope.request_id.clone())));
                 }
             }
             "TierChanged" => {
@@ -1045,9 +1041,7 @@ impl Ingest {
                         .execute(&mut *tx)
                         .await?;
                 }
-                crm_kit::outbox::confirm_erasure(tx, SERVICE, &customer, &request_id)
-                    .await
-                    .map_err(|e| HandlerError::Transient(e.to_string()))?;
+                crm_kit::consumer::confirm_erasure(tx, SERVICE, &customer, &request_id).await?;
             }
         }
         write_deltas(tx, d).await

@@ -5,11 +5,9 @@
 //! and confirms it. Categories, scores and times stay: aggregates without
 //! identity may remain.
 
-use crm_kit::consumer::{Event, EventHandler, HandlerError, payload_id};
-use crm_kit::outbox;
+use crm_kit::consumer::{Event, EventHandler, HandlerError, confirm_erasure, erased_ids, payload_id};
 use crm_proto::profiles::v1 as profiles;
 use sqlx::PgConnection;
-use uuid::Uuid;
 
 use crate::SERVICE;
 
@@ -52,10 +50,7 @@ impl EventHandler for ProfilesEvents {
             .execute(&mut *tx)
             .await?;
         } else if let Some(e) = event.payload::<profiles::CustomerErased>()? {
-            let mut ids: Vec<Uuid> = vec![payload_id(&e.customer_id)?];
-            for a in &e.alias_ids {
-                ids.push(payload_id(a)?);
-            }
+            let ids = erased_ids(&e)?;
             sqlx::query(
                 "UPDATE feedback SET text = '', evidence = '[]'::jsonb, erased_at = now() \
                  WHERE (customer_id = ANY($1) OR submitted_customer_id = ANY($1)) AND erased_at IS NULL",
@@ -73,9 +68,7 @@ impl EventHandler for ProfilesEvents {
             .bind(&ids)
             .execute(&mut *tx)
             .await?;
-            outbox::confirm_erasure(tx, SERVICE, &e.customer_id, &event.envelope.request_id)
-                .await
-                .map_err(|e| HandlerError::Transient(e.to_string()))?;
+            confirm_erasure(tx, SERVICE, &e.customer_id, &event.envelope.request_id).await?;
         }
         Ok(())
     }

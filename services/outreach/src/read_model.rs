@@ -12,8 +12,7 @@
 //! Idempotent through the kit's inbox; facts follow merges to the survivor.
 
 use chrono::{DateTime, Utc};
-use crm_kit::consumer::{Event, EventHandler, HandlerError};
-use crm_kit::outbox;
+use crm_kit::consumer::{Event, EventHandler, HandlerError, confirm_erasure, erased_ids};
 use crm_proto::common::v1::{ChurnRiskLevel, Tier};
 use crm_proto::profiles::v1 as profiles;
 use crm_proto::segmentation::v1 as segmentation;
@@ -171,10 +170,7 @@ impl ReadModel {
                 .execute(&mut *tx)
                 .await?;
         } else if let Some(e) = event.payload::<profiles::CustomerErased>()? {
-            let mut ids = vec![id(&e.customer_id)?];
-            for a in &e.alias_ids {
-                ids.push(id(a)?);
-            }
+            let ids = erased_ids(&e)?;
             for x in &ids {
                 live(tx, *x).await?;
             }
@@ -197,9 +193,7 @@ impl ReadModel {
             .bind(&ids)
             .execute(&mut *tx)
             .await?;
-            outbox::confirm_erasure(tx, SERVICE, &e.customer_id, &event.envelope.request_id)
-                .await
-                .map_err(|e| HandlerError::Transient(e.to_string()))?;
+            confirm_erasure(tx, SERVICE, &e.customer_id, &event.envelope.request_id).await?;
         } else {
             return Ok(false);
         }

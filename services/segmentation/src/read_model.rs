@@ -18,8 +18,7 @@
 //!   same state ([`reset`]).
 
 use chrono::{DateTime, Utc};
-use crm_kit::consumer::{Event, EventHandler, HandlerError};
-use crm_kit::outbox;
+use crm_kit::consumer::{Event, EventHandler, HandlerError, confirm_erasure, erased_ids};
 use crm_proto::profiles::v1 as pb;
 use sqlx::PgConnection;
 use uuid::Uuid;
@@ -309,11 +308,7 @@ impl EventHandler for ReadModel {
             let owner = live(tx, id(&e.customer_id)?).await?;
             crm_kit::db::mirror_consents(tx, owner, &e.grants).await?;
         } else if let Some(e) = event.payload::<pb::CustomerErased>()? {
-            let c = id(&e.customer_id)?;
-            let mut ids = vec![c];
-            for a in &e.alias_ids {
-                ids.push(id(a)?);
-            }
+            let ids = erased_ids(&e)?;
             for x in &ids {
                 ensure(tx, *x).await?;
             }
@@ -326,9 +321,7 @@ impl EventHandler for ReadModel {
             .bind(at)
             .execute(&mut *tx)
             .await?;
-            outbox::confirm_erasure(tx, SERVICE, &e.customer_id, &event.envelope.request_id)
-                .await
-                .map_err(|e| HandlerError::Transient(e.to_string()))?;
+            confirm_erasure(tx, SERVICE, &e.customer_id, &event.envelope.request_id).await?;
         }
         Ok(())
     }
