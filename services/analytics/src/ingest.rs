@@ -897,35 +897,46 @@ impl Ingest {
             }
         }
         // Flags set once per ticket, counted on the day the ticket was opened.
-        for (column, metric, ids) in [
-            ("breached", "breached", b.breached.clone()),
-            ("resolved", "resolved", b.resolved.iter().map(|r| r.0).collect::<Vec<_>>()),
-            ("verified", "verified", b.verified.iter().filter(|v| v.1).map(|v| v.0).collect::<Vec<_>>()),
+        for (column, ids) in [
+            ("breached", b.breached.clone()),
+            ("verified", b.verified.iter().filter(|v| v.1).map(|v| v.0).collect::<Vec<_>>()),
         ] {
             if ids.is_empty() {
                 continue;
             }
-            let newly: Vec<(Uuid, i32)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                "UPDATE tickets SET {column} = true WHERE ticket_id = ANY($1) AND NOT {column} RETURNING ticket_id, day"
+            let newly: Vec<i32> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                "UPDATE tickets SET {column} = true WHERE ticket_id = ANY($1) AND NOT {column} RETURNING day"
             )))
             .bind(&ids)
             .fetch_all(&mut *tx)
             .await?;
+            for day in newly {
+                d.service(day, column, String::new(), 1, 0.0);
+            }
+        }
+        if !b.resolved.is_empty() {
+            // The first resolution of a ticket counts, with its ANA-5 durations on the day it happened.
+            let mut first: HashMap<Uuid, (i64, i64, DateTime<Utc>)> = HashMap::new();
+            for (ticket, fr, res, at) in &b.resolved {
+                first.entry(*ticket).or_insert((*fr, *res, *at));
+            }
+            let (ids, durations): (Vec<Uuid>, Vec<(i64, i64)>) = first.iter().map(|(id, r)| (*id, (r.0, r.1))).unzip();
+            let newly: Vec<(Uuid, i32)> = sqlx::query_as(
+                "UPDATE tickets t SET resolved = true, first_response_s = r.fr, resolution_s = r.res \
+                 FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[]) AS r(id, fr, res) \
+                 WHERE t.ticket_id = r.id AND NOT t.resolved RETURNING t.ticket_id, t.day",
+            )
+            .bind(&ids)
+            .bind(durations.iter().map(|r| r.0).collect::<Vec<_>>())
+            .bind(durations.iter().map(|r| r.1).collect::<Vec<_>>())
+            .fetch_all(&mut *tx)
+            .await?;
             for (ticket, day) in newly {
-                d.service(day, metric, String::new(), 1, 0.0);
-                if column == "resolved" {
-                    // ANA-5 durations of the first resolution, on the day it happened.
-                    if let Some((_, fr, res, at)) = b.resolved.iter().find(|r| r.0 == ticket) {
-                        sqlx::query("UPDATE tickets SET first_response_s = $2, resolution_s = $3 WHERE ticket_id = $1")
-                            .bind(ticket)
-                            .bind(fr)
-                            .bind(res)
-                            .execute(&mut *tx)
-                            .await?;
-                        let rday = day_of(*at, tz);
-                        d.service(rday, "first_response_hist", kpi::bucket_of(*fr).to_string(), 1, *fr as f64);
-                        d.service(rday, "resolution_hist", kpi::bucket_of(*res).to_string(), 1, *res as f64);
-                    }
+                d.service(day, "resolved", String::new(), 1, 0.0);
+                if let Some((fr, res, at)) = first.get(&ticket) {
+                    let rday = day_of(*at, tz);
+                    d.service(rday, "first_response_hist", kpi::bucket_of(*fr).to_string(), 1, *fr as f64);
+                    d.service(rday, "resolution_hist", kpi::bucket_of(*res).to_string(), 1, *res as f64);
                 }
             }
         }
