@@ -171,6 +171,33 @@ pub async fn seed(suite: &Suite, customers: usize, seed: u64) -> Result<Seeded, 
 }
 
 /// Runs `f` over `items` on `n` concurrent lanes; returns how many ran.
+/// Records `kind` for each message (with its revenue, if any), 16 calls at a time.
+async fn record_outcomes(
+    outreach: &OutreachServiceClient<Chan>,
+    run: &str,
+    kind: out::OutcomeKind,
+    messages: Vec<(String, Option<i64>)>,
+) -> Result<usize, String> {
+    let prefix = format!("{run}-{}", kind.as_str_name().trim_start_matches("OUTCOME_KIND_").to_ascii_lowercase());
+    let record = move |o: &mut OutreachServiceClient<Chan>, (m, revenue): (String, Option<i64>)| {
+        let mut o = o.clone();
+        let request_id = format!("{prefix}-{m}");
+        async move {
+            o.record_outcome(out::RecordOutcomeRequest {
+                message_id: m,
+                outcome: kind as i32,
+                revenue: revenue.map(|amount_minor| Money { amount_minor, currency: "CNY".into() }),
+                request_id,
+                ..Default::default()
+            })
+            .await
+            .map_err(status("RecordOutcome"))?;
+            Ok(())
+        }
+    };
+    lanes(16, messages, record, outreach).await
+}
+
 async fn lanes<C, T, F, Fut>(n: usize, items: Vec<T>, f: F, client: &C) -> Result<usize, String>
 where
     C: Clone + Send + 'static,
@@ -531,31 +558,8 @@ pub async fn retention_loop(suite: &Suite, cfg: &LoopConfig) -> Result<Report, S
     }
     report.conversions = (conversions.len(), holdout_buyers.len());
     let now = prost_types::Timestamp::from(std::time::SystemTime::now());
-    let run_owned = run.clone();
-    lanes(
-        16,
-        sent.iter().map(|(m, _)| m.clone()).collect(),
-        {
-            let run = run_owned.clone();
-            move |o: &mut OutreachServiceClient<Chan>, m: String| {
-                let mut o = o.clone();
-                let request_id = format!("{run}-delivered-{m}");
-                async move {
-                    o.record_outcome(out::RecordOutcomeRequest {
-                        message_id: m,
-                        outcome: out::OutcomeKind::Delivered as i32,
-                        request_id,
-                        ..Default::default()
-                    })
-                    .await
-                    .map_err(status("RecordOutcome"))?;
-                    Ok(())
-                }
-            }
-        },
-        &suite.outreach,
-    )
-    .await?;
+    let delivered = sent.iter().map(|(m, _)| (m.clone(), None)).collect();
+    record_outcomes(&suite.outreach, run, out::OutcomeKind::Delivered, delivered).await?;
     let purchase = |customer: &str, amount: i64, key: String| pf::Transaction {
         transaction_id: key,
         customer_id: customer.to_string(),
@@ -577,31 +581,8 @@ pub async fn retention_loop(suite: &Suite, cfg: &LoopConfig) -> Result<Report, S
         .await
         .map_err(status("BatchRecordTransactions"))?;
     }
-    lanes(
-        16,
-        conversions.clone(),
-        {
-            let run = run_owned.clone();
-            move |o: &mut OutreachServiceClient<Chan>, (m, _, amount): (String, String, i64)| {
-                let mut o = o.clone();
-                let request_id = format!("{run}-converted-{m}");
-                async move {
-                    o.record_outcome(out::RecordOutcomeRequest {
-                        message_id: m,
-                        outcome: out::OutcomeKind::Converted as i32,
-                        revenue: Some(Money { amount_minor: amount, currency: "CNY".into() }),
-                        request_id,
-                        ..Default::default()
-                    })
-                    .await
-                    .map_err(status("RecordOutcome"))?;
-                    Ok(())
-                }
-            }
-        },
-        &suite.outreach,
-    )
-    .await?;
+    let converted = conversions.iter().map(|(m, _, amount)| (m.clone(), Some(*amount))).collect();
+    record_outcomes(&suite.outreach, run, out::OutcomeKind::Converted, converted).await?;
 
     // 5. Feedback and tickets: some worked to verification, one left waiting; surveys.
     feedback(suite, cfg, &mut report, &mut rng).await?;
