@@ -39,6 +39,32 @@ pub struct Aggregate<'a> {
     pub id: &'a str,
 }
 
+/// The encoded envelope of one event (schema version 1).
+fn encode_envelope<T: prost::Name + Message>(
+    event_id: Uuid,
+    source: &str,
+    aggregate: Aggregate<'_>,
+    request_id: &str,
+    payload: &T,
+    occurred_at: prost_types::Timestamp,
+    trace: crm_proto::common::v1::TraceContext,
+) -> Result<Vec<u8>, ApiError> {
+    let any = prost_types::Any::from_msg(payload).map_err(|e| ApiError::internal(format!("cannot pack event: {e}")))?;
+    let envelope = EventEnvelope {
+        event_id: event_id.to_string(),
+        event_type: T::full_name(),
+        source: source.to_string(),
+        aggregate_type: aggregate.kind.to_string(),
+        aggregate_id: aggregate.id.to_string(),
+        occurred_at: Some(occurred_at),
+        trace_context: Some(trace),
+        request_id: request_id.to_string(),
+        payload: Some(any),
+        schema_version: 1,
+    };
+    Ok(envelope.encode_to_vec())
+}
+
 /// An event ready for the outbox, for callers that write it inside a
 /// statement of their own (one round trip for a change and its events):
 /// bind the four columns of [`Staged::columns`] as arrays and
@@ -65,26 +91,10 @@ impl Staged {
         payload: &T,
     ) -> Result<Staged, ApiError> {
         let event_id = Uuid::now_v7();
-        let any =
-            prost_types::Any::from_msg(payload).map_err(|e| ApiError::internal(format!("cannot pack event: {e}")))?;
-        let envelope = EventEnvelope {
-            event_id: event_id.to_string(),
-            event_type: T::full_name(),
-            source: source.to_string(),
-            aggregate_type: aggregate.kind.to_string(),
-            aggregate_id: aggregate.id.to_string(),
-            occurred_at: Some(prost_types::Timestamp::from(std::time::SystemTime::now())),
-            trace_context: Some(telemetry::event_trace_context()),
-            request_id: request_id.to_string(),
-            payload: Some(any),
-            schema_version: 1,
-        };
-        Ok(Staged {
-            event_id,
-            event_type: T::full_name(),
-            aggregate_id: aggregate.id.to_string(),
-            envelope: envelope.encode_to_vec(),
-        })
+        let now = prost_types::Timestamp::from(std::time::SystemTime::now());
+        let envelope =
+            encode_envelope(event_id, source, aggregate, request_id, payload, now, telemetry::event_trace_context())?;
+        Ok(Staged { event_id, event_type: T::full_name(), aggregate_id: aggregate.id.to_string(), envelope })
     }
 
     /// The columns of several staged events, as arrays to bind.
@@ -153,23 +163,10 @@ pub async fn enqueue_many<T: prost::Name + Message>(
     let mut envelopes = Vec::with_capacity(events.len());
     for (aggregate_id, payload) in events {
         let event_id = Uuid::now_v7();
-        let any =
-            prost_types::Any::from_msg(payload).map_err(|e| ApiError::internal(format!("cannot pack event: {e}")))?;
-        let envelope = EventEnvelope {
-            event_id: event_id.to_string(),
-            event_type: T::full_name(),
-            source: source.to_string(),
-            aggregate_type: aggregate_kind.to_string(),
-            aggregate_id: aggregate_id.clone(),
-            occurred_at: Some(now),
-            trace_context: Some(trace.clone()),
-            request_id: request_id.to_string(),
-            payload: Some(any),
-            schema_version: 1,
-        };
+        let aggregate = Aggregate { kind: aggregate_kind, id: aggregate_id };
+        envelopes.push(encode_envelope(event_id, source, aggregate, request_id, payload, now, trace.clone())?);
         ids.push(event_id);
         aggregates.push(aggregate_id.as_str());
-        envelopes.push(envelope.encode_to_vec());
     }
     sqlx::query(
         "INSERT INTO kit_outbox (event_id, event_type, aggregate_id, envelope) \

@@ -64,48 +64,15 @@ fn generator(customers: usize, seed: u64) -> crm_datagen::Generator {
     crm_datagen::Generator::new(crm_datagen::Config { customers, seed, ..Default::default() })
 }
 
-async fn schema(
-    service: &str,
-    migrator: &'static sqlx::migrate::Migrator,
-) -> (crm_kit::config::KitConfig, sqlx::PgPool) {
-    let mut config = crm_kit::testing::config(service).await;
-    config.database_statement_timeout = Duration::ZERO;
-    config.database_max_connections = 8;
-    let pool = crm_kit::db::pg_pool(&config).expect("pool");
-    crm_kit::db::migrate(&pool, &config.database_schema, migrator).await.expect("migrate");
-    (config, pool)
-}
-
 async fn ingestion(customers: usize) {
-    static NO_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate::Migrator::DEFAULT;
-    let (mut producer_config, producer) = schema("profiles", &NO_MIGRATIONS).await;
-    let prefix = crm_kit::testing::unique_name("bench");
-    producer_config.event_stream_prefix = prefix.clone();
     let (events, _) = base_events(generator(customers, 5));
     let n = events.len();
-    for chunk in events.chunks(5000) {
-        let (ids, types, aggs, envs) = Staged::columns(chunk);
-        sqlx::query("INSERT INTO kit_outbox (event_id, event_type, aggregate_id, envelope) SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::bytea[])")
-            .bind(&ids)
-            .bind(&types)
-            .bind(&aggs)
-            .bind(&envs)
-            .execute(&producer)
-            .await
-            .expect("outbox");
-    }
-    producer_config.outbox_batch_size = 5000;
-    let redis = crm_kit::db::Redis::connect(&crm_kit::testing::redis_url(), Duration::from_secs(5)).expect("redis");
-    let relay = crm_kit::outbox::OutboxRelay::new(
-        producer.clone(),
-        redis,
-        "profiles",
-        crm_kit::metrics::Metrics::new("profiles"),
-    )
-    .configured(&producer_config, "profiles");
-    while relay.publish_once().await.expect("publish") > 0 {}
+    let stream = crate::publish_to_stream(&events).await;
 
-    let (_, reader) = schema("analytics", crm_analytics::SPEC.migrator).await;
+    let mut config = crm_kit::testing::config("analytics").await;
+    config.database_statement_timeout = Duration::ZERO;
+    let reader = crm_kit::db::pg_pool(&config).expect("pool");
+    crm_kit::db::migrate(&reader, &config.database_schema, crm_analytics::SPEC.migrator).await.expect("migrate");
     // Floor: the purchase rows as one bare INSERT per 1 000.
     let rows: Vec<(String, uuid::Uuid, chrono::DateTime<chrono::Utc>, i64)> = events
         .iter()
@@ -139,29 +106,8 @@ async fn ingestion(customers: usize) {
     }
     let floor = rows.len() as f64 / started.elapsed().as_secs_f64();
 
-    let settings = crm_kit::consumer::ConsumerSettings {
-        group: crm_kit::testing::unique_name("analytics"),
-        name: "bench".into(),
-        streams: vec![crm_kit::outbox::stream_name(&prefix, "profiles")],
-        batch_size: 1000,
-        block: Duration::from_millis(100),
-        claim_idle: Duration::from_secs(60),
-    };
     let ingest = Ingest { tz: chrono_tz::Asia::Shanghai, window: chrono::Duration::days(7) };
-    let mut consumer = crm_kit::consumer::Consumer::new(
-        reader.clone(),
-        &crm_kit::testing::redis_url(),
-        settings,
-        ingest,
-        crm_kit::metrics::Metrics::new("analytics"),
-    )
-    .expect("consumer");
-    let started = Instant::now();
-    let mut done = 0;
-    while done < n {
-        done += consumer.poll_once().await.expect("consume");
-    }
-    let rate = n as f64 / started.elapsed().as_secs_f64();
+    let rate = crate::consume_all(&reader, &stream, ingest, 1000, n).await;
     let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM purchases").fetch_one(&reader).await.expect("count");
     assert_eq!(stored as usize, rows.len(), "every purchase applied once");
     println!(
@@ -176,10 +122,6 @@ async fn ingestion(customers: usize) {
         "| analytics consumer: Redis Streams, inbox, facts, per-customer contributions, rollups (batches of 1 000) | {rate:.0} | {:.0} % |\n",
         100.0 * rate / floor
     );
-    let _ = redis::Client::open(crm_kit::testing::redis_url()).map(|c| {
-        c.get_connection()
-            .map(|mut c| redis::cmd("DEL").arg(crm_kit::outbox::stream_name(&prefix, "profiles")).query::<()>(&mut c))
-    });
 }
 
 /// Campaign and feedback events over the base: a campaign to every fifth

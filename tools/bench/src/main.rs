@@ -561,18 +561,85 @@ impl Facts {
     }
 }
 
+/// Publishes `events` of profiles to a private stream the way the service
+/// would (outbox rows, then the real relay); returns the stream's name.
+async fn publish_to_stream(events: &[crm_kit::outbox::Staged]) -> String {
+    static NO_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate::Migrator::DEFAULT;
+    let mut config = crm_kit::testing::config("profiles").await;
+    config.event_stream_prefix = crm_kit::testing::unique_name("bench");
+    config.database_statement_timeout = Duration::ZERO;
+    config.outbox_batch_size = 5000;
+    let producer = crm_kit::db::pg_pool(&config).expect("pool");
+    crm_kit::db::migrate(&producer, &config.database_schema, &NO_MIGRATIONS).await.expect("producer");
+    for chunk in events.chunks(5000) {
+        let (ids, types, aggregates, envelopes) = crm_kit::outbox::Staged::columns(chunk);
+        sqlx::query(
+            "INSERT INTO kit_outbox (event_id, event_type, aggregate_id, envelope) \
+             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::bytea[])",
+        )
+        .bind(&ids)
+        .bind(&types)
+        .bind(&aggregates)
+        .bind(&envelopes)
+        .execute(&producer)
+        .await
+        .expect("outbox");
+    }
+    let redis = crm_kit::db::Redis::connect(&crm_kit::testing::redis_url(), Duration::from_secs(5)).expect("redis");
+    let relay = crm_kit::outbox::OutboxRelay::new(
+        producer.clone(),
+        redis,
+        "profiles",
+        crm_kit::metrics::Metrics::new("profiles"),
+    )
+    .configured(&config, "profiles");
+    while relay.publish_once().await.expect("publish") > 0 {}
+    crm_kit::outbox::stream_name(&config.event_stream_prefix, "profiles")
+}
+
+/// Consumes `n` events of `stream` into `pool` with the real consumer and
+/// `handler` (batches of `batch_size`); returns events per second. Deletes
+/// the stream afterwards.
+async fn consume_all<H: crm_kit::consumer::EventHandler>(
+    pool: &sqlx::PgPool,
+    stream: &str,
+    handler: H,
+    batch_size: usize,
+    n: usize,
+) -> f64 {
+    let settings = crm_kit::consumer::ConsumerSettings {
+        group: crm_kit::testing::unique_name("bench_reader"),
+        name: "bench".into(),
+        streams: vec![stream.to_string()],
+        batch_size,
+        block: Duration::from_millis(100),
+        claim_idle: Duration::from_secs(60),
+    };
+    let mut consumer = crm_kit::consumer::Consumer::new(
+        pool.clone(),
+        &crm_kit::testing::redis_url(),
+        settings,
+        handler,
+        crm_kit::metrics::Metrics::new("bench"),
+    )
+    .expect("consumer");
+    let started = Instant::now();
+    let mut done = 0;
+    while done < n {
+        done += consumer.poll_once().await.expect("consume");
+    }
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    let client = redis::Client::open(crm_kit::testing::redis_url()).expect("redis");
+    let mut conn = client.get_multiplexed_async_connection().await.expect("redis");
+    let _: () = redis::cmd("DEL").arg(stream).query_async(&mut conn).await.expect("cleanup");
+    rate
+}
+
 /// Event ingestion: N TransactionRecorded events published to a private
 /// stream, consumed into segmentation's read model (idempotent inbox,
 /// batched transactions). Reports events per second.
 async fn consume_throughput(events: usize) {
-    static NO_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate::Migrator::DEFAULT;
-    let prefix = crm_kit::testing::unique_name("bench");
-    let mut producer_config = crm_kit::testing::config("profiles").await;
-    producer_config.event_stream_prefix = prefix.clone();
-    producer_config.database_statement_timeout = Duration::ZERO;
-    let producer = crm_kit::db::pg_pool(&producer_config).expect("pool");
-    crm_kit::db::migrate(&producer, &producer_config.database_schema, &NO_MIGRATIONS).await.expect("producer");
-    let batch: Vec<(String, crm_proto::profiles::v1::TransactionRecorded)> = (0..events)
+    let staged: Vec<crm_kit::outbox::Staged> = (0..events)
         .map(|i| {
             let customer = uuid::Uuid::from_u128((i % 50_000) as u128 + 1).to_string();
             let t = crm_proto::profiles::v1::Transaction {
@@ -583,61 +650,22 @@ async fn consume_throughput(events: usize) {
                 occurred_at: Some(prost_types::Timestamp { seconds: 1_760_000_000 + i as i64, nanos: 0 }),
                 ..Default::default()
             };
-            (customer, crm_proto::profiles::v1::TransactionRecorded { transaction: Some(t) })
+            let payload = crm_proto::profiles::v1::TransactionRecorded { transaction: Some(t) };
+            let aggregate = crm_kit::outbox::Aggregate { kind: "customer", id: &customer };
+            crm_kit::outbox::Staged::new("profiles", aggregate, "", &payload).expect("stage")
         })
         .collect();
-    for chunk in batch.chunks(5000) {
-        let mut tx = producer.begin().await.expect("tx");
-        crm_kit::outbox::enqueue_many(&mut tx, "profiles", "customer", "", chunk).await.expect("enqueue");
-        tx.commit().await.expect("commit");
-    }
-    let redis = crm_kit::db::Redis::connect(&crm_kit::testing::redis_url(), Duration::from_secs(5)).expect("redis");
-    let relay = crm_kit::outbox::OutboxRelay::new(
-        producer.clone(),
-        redis,
-        "profiles",
-        crm_kit::metrics::Metrics::new("profiles"),
-    )
-    .configured(&producer_config, "profiles");
-    while relay.publish_once().await.expect("publish") > 0 {}
+    let stream = publish_to_stream(&staged).await;
 
     let reader_config = crm_kit::testing::config("segmentation").await;
     let reader = crm_kit::db::pg_pool(&reader_config).expect("pool");
     crm_kit::db::migrate(&reader, &reader_config.database_schema, crm_segmentation::SPEC.migrator)
         .await
         .expect("reader");
-    let settings = crm_kit::consumer::ConsumerSettings {
-        group: crm_kit::testing::unique_name("bench_reader"),
-        name: "bench".into(),
-        streams: vec![crm_kit::outbox::stream_name(&prefix, "profiles")],
-        batch_size: 500,
-        block: Duration::from_millis(100),
-        claim_idle: Duration::from_secs(60),
-    };
-    let mut consumer = crm_kit::consumer::Consumer::new(
-        reader.clone(),
-        &crm_kit::testing::redis_url(),
-        settings,
-        crm_segmentation::read_model::ReadModel,
-        crm_kit::metrics::Metrics::new("segmentation"),
-    )
-    .expect("consumer");
-    let started = Instant::now();
-    let mut done = 0;
-    while done < events {
-        done += consumer.poll_once().await.expect("consume");
-    }
-    let rate = events as f64 / started.elapsed().as_secs_f64();
+    let rate = consume_all(&reader, &stream, crm_segmentation::read_model::ReadModel, 500, events).await;
     let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM transactions").fetch_one(&reader).await.expect("count");
     assert_eq!(stored as usize, events);
     println!(
         "| segmentation read model: {events} TransactionRecorded events consumed (inbox, batched) | {rate:.0} events/s |"
     );
-    let client = redis::Client::open(crm_kit::testing::redis_url()).expect("redis");
-    let mut conn = client.get_multiplexed_async_connection().await.expect("redis");
-    let _: () = redis::cmd("DEL")
-        .arg(crm_kit::outbox::stream_name(&prefix, "profiles"))
-        .query_async(&mut conn)
-        .await
-        .expect("cleanup");
 }
