@@ -245,6 +245,10 @@ impl Lexicon {
             };
             let first = words[0].clone();
             let list = self.entries.entry(first).or_default();
+            if list.iter().any(|(w, _)| *w == words) {
+                // A second line would be shadowed by the first without a word.
+                return Err(err(format!("{:?} is already in the lexicon", words.join(" "))));
+            }
             list.push((words, cues));
             list.sort_by_key(|(w, _)| std::cmp::Reverse(w.len()));
         }
@@ -296,7 +300,7 @@ const SERVICE_TOPIC: f64 = 1.5;
 /// Share of its sentiment an inquiry keeps.
 const INQUIRY_TONE: f64 = 0.5;
 /// Share of its sentiment a suggestion keeps.
-const SUGGESTION_TONE: f64 = 0.6;
+const SUGGESTION_TONE: f64 = 0.4;
 /// Words after a negator that it still reaches (within the clause).
 const NEGATION_REACH: usize = 3;
 
@@ -625,6 +629,9 @@ mod tests {
         assert!(err.reason.contains("bad weight"), "{err}");
         let err = Lexicon::parse("x\tflavour:1\n").unwrap_err();
         assert!(err.reason.contains("unknown cue"), "{err}");
+        let err = Lexicon::parse("on hold\tcomplaint:1\nx\tsent:1\nOn  Hold\tsent:-1\n").unwrap_err();
+        assert_eq!(err.line, 3, "{err}");
+        assert!(err.reason.contains("already"), "{err}");
     }
 
     #[test]
