@@ -61,7 +61,7 @@ async fn the_retention_loop_runs_across_all_five_services_in_one_trace() {
     let cfg = LoopConfig {
         customers: 150,
         run: crm_kit::testing::unique_name("loop"),
-        patience: Duration::from_secs(90),
+        patience: Duration::from_secs(180),
         expect_breach: true,
         ..Default::default()
     };

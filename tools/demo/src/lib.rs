@@ -668,7 +668,15 @@ async fn launch(
         let id = campaign.to_string();
         async move {
             let all = all_messages(o, &id).await?;
-            let decided = all.iter().filter(|m| m.state != out::MessageState::Queued as i32).count();
+            // Decided: sent, suppressed, or deferred by a rule (a daily cap the
+            // customer's lifecycle messages used up today, say: it waits for tomorrow).
+            let decided = all
+                .iter()
+                .filter(|m| {
+                    m.state != out::MessageState::Queued as i32
+                        || m.decision.as_ref().is_some_and(|d| d.verdict == out::Verdict::Deferred as i32)
+                })
+                .count();
             Ok((all.len() >= audience && decided == all.len()).then_some(all))
         }
     })
