@@ -4,6 +4,8 @@
 //! newest event reflected).
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use chrono_tz::Tz;
@@ -17,6 +19,7 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use crate::SERVICE;
+use crate::bits::{Bitmap, Span};
 use crate::domain::customer::{Month, day_of, month_of, month_start};
 use crate::domain::{kpi, stats};
 use crate::ingest::{PROGRAMME, category_name};
@@ -31,6 +34,8 @@ const CURRENCY: &str = "CNY";
 pub struct AnalyticsApi {
     pool: PgPool,
     tz: Tz,
+    /// Seen complete once (crate::bits::built); they stay so.
+    bitmaps_built: Arc<AtomicBool>,
 }
 
 fn money(amount_minor: i64) -> Option<Money> {
@@ -63,7 +68,7 @@ fn interval(c: &stats::Comparison, level: f64) -> Option<pb::Interval> {
 impl AnalyticsApi {
     /// An API over the pool, reporting in `tz`.
     pub fn new(pool: PgPool, tz: Tz) -> Self {
-        Self { pool, tz }
+        Self { pool, tz, bitmaps_built: Arc::new(AtomicBool::new(false)) }
     }
 
     async fn freshness(&self) -> Result<Option<Freshness>, ApiError> {
@@ -709,22 +714,48 @@ impl AnalyticsApi {
         let level = level(&mut v, req.confidence);
         v.into_result()?;
         let (before, after) = before.zip(after).ok_or_else(|| ApiError::internal("checked above"))?;
+        if !self.bitmaps_built.load(std::sync::atomic::Ordering::Relaxed) {
+            if !crate::bits::built(&self.pool, self.tz).await? {
+                return Err(ApiError::Unavailable(
+                    "before/after comparisons start once the activity bitmaps are built from the stored purchases \
+                     (after an upgrade or a change of ANALYTICS_TIMEZONE); retry in a minute"
+                        .into(),
+                ));
+            }
+            self.bitmaps_built.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        let members = match segment {
+            Some(id) => Some(crate::bits::segment(&self.pool, id).await?),
+            None => None,
+        };
         let (cmp, test) = match req.kpi.as_str() {
             "nps" | "csat" => {
                 let kind = if req.kpi == "nps" { 1i16 } else { 2 };
                 let a = self.survey_sample(segment, kind, after).await?;
                 let b = self.survey_sample(segment, kind, before).await?;
-                (stats::welch(a, b, level), "Welch t-test")
+                (stats::welch(a, b, level), "Welch t-test".to_string())
             }
             "average_spend" => {
-                let a = self.spend_sample(segment, after).await?;
-                let b = self.spend_sample(segment, before).await?;
-                (stats::welch(a, b, level), "Welch t-test")
+                let ((a, a_of), (b, b_of)) = tokio::try_join!(
+                    self.spend_sample(members.as_ref(), after),
+                    self.spend_sample(members.as_ref(), before)
+                )?;
+                let test = if a.n < a_of as f64 || b.n < b_of as f64 {
+                    format!(
+                        "Welch t-test on uniform samples of {} of {a_of} and {} of {b_of} buying customers",
+                        a.n, b.n
+                    )
+                } else {
+                    "Welch t-test".to_string()
+                };
+                (stats::welch(a, b, level), test)
             }
             kpi => {
-                let (x1, n1) = self.proportion(kpi, segment, after).await?;
-                let (x2, n2) = self.proportion(kpi, segment, before).await?;
-                (stats::two_proportions(x1, n1, x2, n2, level), "two-proportion z-test")
+                let ((x1, n1), (x2, n2)) = tokio::try_join!(
+                    self.proportion(kpi, segment, members.as_ref(), after),
+                    self.proportion(kpi, segment, members.as_ref(), before)
+                )?;
+                (stats::two_proportions(x1, n1, x2, n2, level), "two-proportion z-test".to_string())
             }
         };
         Ok(pb::KpiComparison {
@@ -734,7 +765,7 @@ impl AnalyticsApi {
             interval: interval(&cmp, level),
             p_value: cmp.p_value,
             significant: cmp.significant,
-            test: test.into(),
+            test,
             freshness: self.freshness().await?,
         })
     }
@@ -750,8 +781,8 @@ impl AnalyticsApi {
              AND ($4::uuid IS NULL OR customer_id IN (SELECT customer_id FROM segment_members WHERE segment_id = $4))",
         )
         .bind(kind)
-        .bind(day_of(s, self.tz))
-        .bind(day_of(e, self.tz))
+        .bind(crate::bits::period_days((s, e), self.tz).0)
+        .bind(crate::bits::period_days((s, e), self.tz).1)
         .bind(segment)
         .fetch_all(&self.pool)
         .await?;
@@ -760,22 +791,30 @@ impl AnalyticsApi {
         ))
     }
 
+    /// Net spend per customer who bought in a period (whole days of the
+    /// reporting zone), for a uniform sample of at most [`SPEND_SAMPLE`] of
+    /// them; and how many bought.
     async fn spend_sample(
         &self,
-        segment: Option<Uuid>,
-        (s, e): (DateTime<Utc>, DateTime<Utc>),
-    ) -> Result<stats::Sample, ApiError> {
-        let (n, sum, sum_sq): (i64, Option<f64>, Option<f64>) = sqlx::query_as(
-            "SELECT count(*), sum(spend)::float8, sum(spend * spend)::float8 FROM ( \
-               SELECT customer_id, sum(amount_minor)::numeric / 100 AS spend FROM purchases WHERE occurred_at >= $1 AND occurred_at < $2 \
-               AND ($3::uuid IS NULL OR customer_id IN (SELECT customer_id FROM segment_members WHERE segment_id = $3)) GROUP BY customer_id) x",
+        members: Option<&Bitmap>,
+        period: (DateTime<Utc>, DateTime<Utc>),
+    ) -> Result<(stats::Sample, u64), ApiError> {
+        let (first, last) = crate::bits::period_days(period, self.tz);
+        let mut buyers = crate::bits::bought(&self.pool, Span::days(first, last)).await?;
+        if let Some(m) = members {
+            buyers = buyers.and(m);
+        }
+        let drawn = buyers.sample(SPEND_SAMPLE);
+        let spends: Vec<i64> = sqlx::query_scalar(
+            "SELECT sum(p.amount_minor)::bigint FROM customers c JOIN purchases p ON p.customer_id = c.customer_id \
+             WHERE c.idx = ANY($1) AND p.occurred_at >= $2 AND p.occurred_at < $3 GROUP BY c.idx",
         )
-        .bind(s)
-        .bind(e)
-        .bind(segment)
-        .fetch_one(&self.pool)
+        .bind(&drawn)
+        .bind(crate::bits::day_start(first, self.tz))
+        .bind(crate::bits::day_start(last + 1, self.tz))
+        .fetch_all(&self.pool)
         .await?;
-        Ok(stats::Sample { n: n as f64, sum: sum.unwrap_or(0.0), sum_sq: sum_sq.unwrap_or(0.0) })
+        Ok((stats::Sample::of(spends.into_iter().map(|s| s as f64 / 100.0)), buyers.len()))
     }
 
     /// (successes, trials) of a rate KPI in a period.
@@ -783,36 +822,54 @@ impl AnalyticsApi {
         &self,
         kpi: &str,
         segment: Option<Uuid>,
-        (s, e): (DateTime<Utc>, DateTime<Utc>),
+        members: Option<&Bitmap>,
+        period: (DateTime<Utc>, DateTime<Utc>),
     ) -> Result<(u64, u64), ApiError> {
-        let sql = match kpi {
+        let (first, last) = crate::bits::period_days(period, self.tz);
+        let within = |b: Bitmap| match members {
+            Some(m) => b.and(m),
+            None => b,
+        };
+        match kpi {
             // Customers who had bought before the period; those who bought again in it.
             "repurchase_rate" => {
-                "SELECT count(*) FILTER (WHERE EXISTS (SELECT 1 FROM purchases p WHERE p.customer_id = c.customer_id AND NOT p.refund \
-                         AND p.occurred_at >= $1 AND p.occurred_at < $2)), count(*) \
-                 FROM customers c WHERE c.first_purchase_at < $1 AND c.merged_into IS NULL \
-                 AND ($3::uuid IS NULL OR c.customer_id IN (SELECT customer_id FROM segment_members WHERE segment_id = $3))"
+                let (earlier, during) = tokio::try_join!(
+                    crate::bits::bought(&self.pool, Span::before(first)),
+                    crate::bits::bought(&self.pool, Span::days(first, last))
+                )?;
+                let earlier = within(earlier);
+                Ok((earlier.and(&during).len(), earlier.len()))
             }
             // Customers who bought in the 90 days before the period; those who did not buy in it.
             "churn_rate" => {
-                "SELECT count(*) FILTER (WHERE NOT EXISTS (SELECT 1 FROM purchases p WHERE p.customer_id = c.customer_id AND NOT p.refund \
-                         AND p.occurred_at >= $1 AND p.occurred_at < $2)), count(*) \
-                 FROM customers c WHERE c.merged_into IS NULL AND EXISTS (SELECT 1 FROM purchases p WHERE p.customer_id = c.customer_id \
-                         AND NOT p.refund AND p.occurred_at >= $1 - interval '90 days' AND p.occurred_at < $1) \
-                 AND ($3::uuid IS NULL OR c.customer_id IN (SELECT customer_id FROM segment_members WHERE segment_id = $3))"
+                let (active, during) = tokio::try_join!(
+                    crate::bits::bought(&self.pool, Span::days(first - 90, first - 1)),
+                    crate::bits::bought(&self.pool, Span::days(first, last))
+                )?;
+                let active = within(active);
+                Ok((active.and_not(&during).len(), active.len()))
             }
             // Campaign members assigned in the period (contacted groups); those who converted.
             _ => {
-                "SELECT count(*) FILTER (WHERE converted_at IS NOT NULL), count(*) FROM campaign_members \
-                 WHERE assigned_at >= $1 AND assigned_at < $2 AND grp NOT IN ('holdout', 'global_control') \
-                 AND ($3::uuid IS NULL OR customer_id IN (SELECT customer_id FROM segment_members WHERE segment_id = $3))"
+                let (x, n): (i64, i64) = sqlx::query_as(
+                    "SELECT count(*) FILTER (WHERE converted_at IS NOT NULL), count(*) FROM campaign_members \
+                     WHERE assigned_at >= $1 AND assigned_at < $2 AND grp NOT IN ('holdout', 'global_control') \
+                     AND ($3::uuid IS NULL OR customer_id IN (SELECT customer_id FROM segment_members WHERE segment_id = $3))",
+                )
+                .bind(crate::bits::day_start(first, self.tz))
+                .bind(crate::bits::day_start(last + 1, self.tz))
+                .bind(segment)
+                .fetch_one(&self.pool)
+                .await?;
+                Ok((x.max(0) as u64, n.max(0) as u64))
             }
-        };
-        let (x, n): (i64, i64) =
-            sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(s).bind(e).bind(segment).fetch_one(&self.pool).await?;
-        Ok((x.max(0) as u64, n.max(0) as u64))
+        }
     }
 }
+
+/// Buying customers a before/after test of average spend reads per period at
+/// most (a uniform sample beyond that; its size is in the test's name).
+pub const SPEND_SAMPLE: u64 = 2_000;
 
 /// Sums of campaign cells for one group.
 #[derive(sqlx::FromRow)]

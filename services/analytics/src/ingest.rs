@@ -395,10 +395,21 @@ impl Ingest {
             known.iter().map(|id| (*id, reg.get(id).copied().flatten())).unzip()
         };
         if !ids.is_empty() {
+            // New customers only: an INSERT that meets a conflict still draws
+            // a number (customers.idx), and the bitmaps need dense numbers.
             sqlx::query(
-                "INSERT INTO customers (customer_id, registered_at) SELECT * FROM UNNEST($1::uuid[], $2::timestamptz[]) \
-                 ON CONFLICT (customer_id) DO UPDATE SET registered_at = COALESCE(EXCLUDED.registered_at, customers.registered_at) \
-                 WHERE EXCLUDED.registered_at IS NOT NULL",
+                "INSERT INTO customers (customer_id, registered_at) \
+                 SELECT t.id, t.reg FROM UNNEST($1::uuid[], $2::timestamptz[]) AS t(id, reg) \
+                 WHERE NOT EXISTS (SELECT 1 FROM customers c WHERE c.customer_id = t.id) \
+                 ON CONFLICT (customer_id) DO UPDATE SET registered_at = COALESCE(EXCLUDED.registered_at, customers.registered_at)",
+            )
+            .bind(&ids)
+            .bind(&regs)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "UPDATE customers c SET registered_at = t.reg FROM UNNEST($1::uuid[], $2::timestamptz[]) AS t(id, reg) \
+                 WHERE c.customer_id = t.id AND t.reg IS NOT NULL AND c.registered_at IS DISTINCT FROM t.reg",
             )
             .bind(&ids)
             .bind(&regs)
@@ -410,6 +421,9 @@ impl Ingest {
 
         // Purchases, new ones only.
         let fresh = self.purchases(tx, &b, &live_of).await?;
+        let bought: Vec<(Uuid, DateTime<Utc>)> =
+            fresh.iter().filter(|(_, p)| !p.refund).map(|(c, p)| (*c, p.at)).collect();
+        crate::bits::mark_bought(tx, &bought, self.tz).await?;
         let mut history: BTreeMap<Uuid, Vec<Purchase>> = BTreeMap::new();
         for (customer, p) in &fresh {
             history.entry(*customer).or_default().push(*p);
@@ -470,8 +484,8 @@ impl Ingest {
         let rows: Vec<&(String, Uuid, DateTime<Utc>, i64, bool)> =
             b.purchases.iter().filter(|p| seen.insert(p.0.clone())).collect();
         let fresh: Vec<(Uuid, DateTime<Utc>, i64, bool)> = sqlx::query_as(
-            "INSERT INTO purchases (transaction_id, customer_id, occurred_at, amount_minor, refund) \
-             SELECT * FROM UNNEST($1::text[], $2::uuid[], $3::timestamptz[], $4::bigint[], $5::bool[]) \
+            "INSERT INTO purchases (transaction_id, customer_id, occurred_at, amount_minor, refund, in_bits) \
+             SELECT *, true FROM UNNEST($1::text[], $2::uuid[], $3::timestamptz[], $4::bigint[], $5::bool[]) \
              ON CONFLICT DO NOTHING RETURNING customer_id, occurred_at, amount_minor, refund",
         )
         .bind(rows.iter().map(|p| p.0.clone()).collect::<Vec<_>>())
@@ -571,6 +585,8 @@ impl Ingest {
             .execute(&mut *tx)
             .await?;
         }
+        let pairs = |v: &[((Uuid, Uuid), bool)]| v.iter().map(|(k, _)| *k).collect::<Vec<_>>();
+        crate::bits::memberships(tx, &pairs(&joins), &pairs(&leaves)).await?;
         Ok(())
     }
 
@@ -978,11 +994,14 @@ impl Ingest {
         let mut d = Deltas::default();
         match s {
             Structural::Merged(survivor, loser) => {
-                sqlx::query("INSERT INTO customers (customer_id) VALUES ($1), ($2) ON CONFLICT DO NOTHING")
-                    .bind(survivor)
-                    .bind(loser)
-                    .execute(&mut *tx)
-                    .await?;
+                sqlx::query(
+                    "INSERT INTO customers (customer_id) SELECT id FROM UNNEST(ARRAY[$1, $2]::uuid[]) AS t(id) \
+                     WHERE NOT EXISTS (SELECT 1 FROM customers c WHERE c.customer_id = t.id) ON CONFLICT DO NOTHING",
+                )
+                .bind(survivor)
+                .bind(loser)
+                .execute(&mut *tx)
+                .await?;
                 sqlx::query("UPDATE customers SET merged_into = $1 WHERE customer_id = $2")
                     .bind(survivor)
                     .bind(loser)
@@ -1066,6 +1085,9 @@ impl Ingest {
         .bind(customers)
         .fetch_all(&mut *tx)
         .await?;
+        let bought: Vec<(Uuid, DateTime<Utc>)> =
+            history.iter().filter(|p| !p.3).map(|(c, at, _, _)| (*c, *at)).collect();
+        crate::bits::resync(tx, customers, &bought, self.tz).await?;
         let mut by: BTreeMap<Uuid, Vec<Purchase>> = BTreeMap::new();
         for (c, at, amount, refund) in history {
             by.entry(c).or_default().push(Purchase { at, amount, refund });

@@ -1,9 +1,11 @@
 //! The analytics service: is retention improving, which campaign paid off
 //! (SPEC 4.5). Where things are: the consumer of every service's events in
-//! [`ingest`] (facts and rollups, set-based); KPI formulas and statistics in
-//! [`domain`]; the queries behind each RPC in [`api`].
+//! [`ingest`] (facts and rollups, set-based); who bought when and segment
+//! members as bitmaps for before/after tests in [`bits`]; KPI formulas and
+//! statistics in [`domain`]; the queries behind each RPC in [`api`].
 
 pub mod api;
+pub mod bits;
 pub mod domain;
 pub mod ingest;
 
@@ -87,9 +89,13 @@ pub fn access_policy() -> AccessPolicy {
 /// Every stream analytics consumes (ANA-1).
 pub const SOURCES: &[&str] = &["profiles", "segmentation", "outreach", "feedback"];
 
-/// Starts the consumer and the outbox relay (erasure confirmations).
+/// Starts the consumer, the outbox relay (erasure confirmations) and the
+/// upkeep of the activity bitmaps (the first build, then the sweep of
+/// purchases stored without their bits).
 pub fn spawn_workers(kit: &mut Kit, config: &AnalyticsConfig) -> Result<(), KitError> {
     kit.spawn_outbox_relay();
+    let signal = kit.shutdown_signal();
+    kit.spawn(bits::maintain(kit.pg.clone(), config.tz, std::time::Duration::from_secs(60), signal));
     kit.spawn_consumer(SOURCES, config.ingest())
 }
 
