@@ -774,15 +774,16 @@ impl AnalyticsApi {
         &self,
         segment: Option<Uuid>,
         kind: i16,
-        (s, e): (DateTime<Utc>, DateTime<Utc>),
+        period: (DateTime<Utc>, DateTime<Utc>),
     ) -> Result<stats::Sample, ApiError> {
+        let (first, last) = crate::bits::period_days(period, self.tz);
         let scores: Vec<i16> = sqlx::query_scalar(
             "SELECT score FROM surveys WHERE kind = $1 AND day BETWEEN $2 AND $3 \
              AND ($4::uuid IS NULL OR customer_id IN (SELECT customer_id FROM segment_members WHERE segment_id = $4))",
         )
         .bind(kind)
-        .bind(crate::bits::period_days((s, e), self.tz).0)
-        .bind(crate::bits::period_days((s, e), self.tz).1)
+        .bind(first)
+        .bind(last)
         .bind(segment)
         .fetch_all(&self.pool)
         .await?;

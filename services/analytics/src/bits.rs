@@ -228,11 +228,19 @@ pub async fn segment(pool: &PgPool, segment: Uuid) -> Result<Bitmap, sqlx::Error
 
 /// Sets the bits of purchases (customer, time), refunds left out by the caller.
 pub async fn mark_bought(tx: &mut PgConnection, bought: &[(Uuid, DateTime<Utc>)], tz: Tz) -> Result<(), sqlx::Error> {
+    if bought.is_empty() {
+        return Ok(());
+    }
+    writing(tx).await?;
+    set_bought(tx, bought, tz).await
+}
+
+/// [`mark_bought`] for a caller that holds the writers' lock already.
+async fn set_bought(tx: &mut PgConnection, bought: &[(Uuid, DateTime<Utc>)], tz: Tz) -> Result<(), sqlx::Error> {
     let rows: BTreeSet<(Uuid, Day)> = bought.iter().map(|(c, at)| (*c, day_of(*at, tz))).collect();
     if rows.is_empty() {
         return Ok(());
     }
-    writing(tx).await?;
     let (customers, days): (Vec<Uuid>, Vec<Day>) = rows.into_iter().unzip();
     let months: Vec<Month> = days.iter().map(|d| month_of_day(*d)).collect();
     // Rows in key order, so that two consumers lock them in the same order.
@@ -290,7 +298,7 @@ pub async fn resync(
         .execute(&mut *tx)
         .await?;
     }
-    mark_bought(tx, history, tz).await
+    set_bought(tx, history, tz).await
 }
 
 /// Segment membership changes: (segment, customer) joined or left.

@@ -80,16 +80,20 @@ fn event<T: prost::Name + prost::Message>(source: &str, payload: &T, when: DateT
     }
 }
 
-fn purchase(customer: Uuid, when: DateTime<Utc>, amount: i64) -> Event {
+fn transaction(customer: Uuid, when: DateTime<Utc>, amount: i64, kind: pf::TransactionKind) -> Event {
     let t = pf::Transaction {
         transaction_id: Uuid::now_v7().to_string(),
         customer_id: customer.to_string(),
-        kind: pf::TransactionKind::Purchase as i32,
+        kind: kind as i32,
         amount: Some(Money { amount_minor: amount, currency: "CNY".into() }),
         occurred_at: ts(when),
         ..Default::default()
     };
     event("profiles", &pf::TransactionRecorded { transaction: Some(t) }, when)
+}
+
+fn purchase(customer: Uuid, when: DateTime<Utc>, amount: i64) -> Event {
+    transaction(customer, when, amount, pf::TransactionKind::Purchase)
 }
 
 fn created(customer: Uuid, when: DateTime<Utc>) -> Event {
@@ -656,15 +660,7 @@ async fn a_before_after_comparison_tests_its_kpi() {
 }
 
 fn refund(customer: Uuid, when: DateTime<Utc>, amount: i64) -> Event {
-    let t = pf::Transaction {
-        transaction_id: Uuid::now_v7().to_string(),
-        customer_id: customer.to_string(),
-        kind: pf::TransactionKind::Refund as i32,
-        amount: Some(Money { amount_minor: amount, currency: "CNY".into() }),
-        occurred_at: ts(when),
-        ..Default::default()
-    };
-    event("profiles", &pf::TransactionRecorded { transaction: Some(t) }, when)
+    transaction(customer, when, amount, pf::TransactionKind::Refund)
 }
 
 fn membership(segment: Uuid, customer: Uuid, joined: bool) -> Event {

@@ -243,6 +243,18 @@ fn p99(mut v: Vec<f64>) -> (f64, f64) {
     (at(0.5), at(0.99))
 }
 
+/// Applies `events` through the handler in transactions of 2 000, as the
+/// consumer would; returns how many.
+async fn apply_in_batches(pool: &sqlx::PgPool, ingest: &Ingest, events: &[Staged], stream: &str) -> usize {
+    for chunk in events.chunks(2000) {
+        let batch: Vec<Event> = chunk.iter().map(|s| event(s, stream)).collect();
+        let mut tx = pool.begin().await.expect("tx");
+        ingest.handle_batch(&mut tx, &batch).await.expect("apply");
+        tx.commit().await.expect("commit");
+    }
+    events.len()
+}
+
 async fn kpis(customers: usize) {
     let mut config = crm_kit::testing::config("analytics").await;
     config.database_statement_timeout = Duration::ZERO;
@@ -260,22 +272,9 @@ async fn kpis(customers: usize) {
             break;
         }
         all_ids.extend(ids);
-        for chunk in events.chunks(2000) {
-            let batch: Vec<Event> = chunk.iter().map(|s| event(s, "profiles")).collect();
-            let mut tx = pool.begin().await.expect("tx");
-            ingest.handle_batch(&mut tx, &batch).await.expect("apply");
-            tx.commit().await.expect("commit");
-            applied += batch.len();
-        }
+        applied += apply_in_batches(&pool, &ingest, &events, "profiles").await;
     }
-    let activity = activity_events(&all_ids);
-    for chunk in activity.chunks(2000) {
-        let batch: Vec<Event> = chunk.iter().map(|s| event(s, "outreach")).collect();
-        let mut tx = pool.begin().await.expect("tx");
-        ingest.handle_batch(&mut tx, &batch).await.expect("apply");
-        tx.commit().await.expect("commit");
-        applied += batch.len();
-    }
+    applied += apply_in_batches(&pool, &ingest, &activity_events(&all_ids), "outreach").await;
     let build = started.elapsed().as_secs_f64();
     // VACUUM ANALYZE this schema's tables (as autovacuum would after a bulk load;
     // a bare VACUUM walks every schema of the database).
