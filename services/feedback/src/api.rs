@@ -147,7 +147,9 @@ impl FeedbackApi {
         };
         fresh.complete(&mut tx, &out).await?;
         tx.commit().await?;
-        closed_loop::spawn_now(&self.desk, taken.acknowledgement);
+        if let Some(ack) = taken.acknowledgement {
+            closed_loop::make_leased(&self.desk, ack);
+        }
         Ok(out)
     }
 
@@ -553,8 +555,8 @@ impl FeedbackApi {
         .await?;
         fresh.complete(&mut tx, &out).await?;
         tx.commit().await?;
-        if let Some(t) = taken {
-            closed_loop::spawn_now(&self.desk, t.acknowledgement);
+        if let Some(ack) = taken.and_then(|t| t.acknowledgement) {
+            closed_loop::make_leased(&self.desk, ack);
         }
         Ok(out)
     }

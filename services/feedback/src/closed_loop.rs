@@ -4,7 +4,9 @@
 //!
 //! A call is written to `loop_calls` in the same transaction as the change
 //! that causes it, then made at once (after commit) and, if outreach cannot
-//! be reached, again with backoff by whichever replica finds it due. Each
+//! be reached, again with backoff by whichever replica finds it due. An
+//! acknowledgement at intake is written already leased to the replica that
+//! makes it at once ([`Start`]), so that costs no write of its own. Each
 //! call has a fixed outreach `request_id`, so a retry, or two replicas making
 //! the same call, send one message. The call continues the trace of the
 //! request that caused it. Before acknowledging an item whose customer could
@@ -131,6 +133,96 @@ struct Due {
 const RETURNING: &str =
     "RETURNING call_id, kind, feedback_id, ticket_id, request_id, traceparent, tracestate, attempts";
 
+/// How a call recorded with the change that causes it is first made.
+#[derive(Debug)]
+pub enum Start {
+    /// By this replica right after commit: the row is written already
+    /// leased (attempt 1), so neither a worker nor another replica makes it
+    /// meanwhile, and no second write is needed to claim it.
+    Now(tokio::sync::OwnedSemaphorePermit),
+    /// By whichever worker finds it due (every slot for immediate calls is busy).
+    Later,
+    /// Never: outreach is not configured, so the row is written settled.
+    Skipped,
+}
+
+/// What the call's row says at birth: attempts, next attempt, done, outcome.
+pub type Birth = (i32, DateTime<Utc>, Option<DateTime<Utc>>, &'static str);
+
+const SKIPPED: &str = "skipped: FEEDBACK_OUTREACH_URL is not set";
+
+impl Start {
+    /// Chooses, taking a slot for an immediate call when one is free.
+    pub fn choose(desk: &Desk) -> Start {
+        if desk.outreach.is_none() {
+            return Start::Skipped;
+        }
+        match desk.calls_in_flight.clone().try_acquire_owned() {
+            Ok(permit) => Start::Now(permit),
+            Err(_) => Start::Later,
+        }
+    }
+
+    /// The row's columns at `now`.
+    pub fn birth(&self, desk: &Desk, now: DateTime<Utc>) -> Birth {
+        match self {
+            Start::Now(_) => (1, now + desk.settings.call_lease, None, ""),
+            Start::Later => (0, now, None, ""),
+            Start::Skipped => (0, now, Some(now), SKIPPED),
+        }
+    }
+}
+
+/// A call written leased at birth ([`Start::Now`]), with what it needs of its item.
+#[derive(Debug)]
+pub struct Leased {
+    permit: tokio::sync::OwnedSemaphorePermit,
+    due: Due,
+    item: Item,
+}
+
+impl LoopCall {
+    /// The call as made right after commit, when `start` leased it at birth.
+    pub fn leased(&self, start: Start, customer: (Uuid, bool), channel: i16, language: &str) -> Option<Leased> {
+        let Start::Now(permit) = start else { return None };
+        Some(Leased {
+            permit,
+            due: Due {
+                call_id: self.call_id,
+                kind: self.kind.key().to_string(),
+                feedback_id: self.feedback_id,
+                ticket_id: self.ticket_id,
+                request_id: self.request_id.clone(),
+                traceparent: self.traceparent.clone(),
+                tracestate: self.tracestate.clone(),
+                attempts: 1,
+            },
+            item: Item {
+                customer_id: customer.0,
+                customer_verified: customer.1,
+                channel,
+                language: language.to_string(),
+            },
+        })
+    }
+}
+
+/// Makes a call leased at birth, after the commit that recorded it, in the
+/// current span. If this replica stops first, the lease runs out and a
+/// worker makes it (same request id: one message).
+pub fn make_leased(desk: &Desk, call: Leased) {
+    let desk = desk.clone();
+    let span = tracing::info_span!("feedback.closed_loop", call_id = %call.due.call_id);
+    tokio::spawn(
+        async move {
+            let _permit = call.permit;
+            let now = desk.clock.now();
+            make(&desk, call.due, Some(call.item), now).await;
+        }
+        .instrument(span),
+    );
+}
+
 /// Makes the call `id` now if it is still due (right after the commit that
 /// recorded it), in the current span.
 pub fn spawn_now(desk: &Desk, id: Uuid) {
@@ -154,7 +246,7 @@ pub fn spawn_now(desk: &Desk, id: Uuid) {
             .fetch_optional(&desk.pool)
             .await;
             match leased {
-                Ok(Some(due)) => make(&desk, due, now).await,
+                Ok(Some(due)) => make(&desk, due, None, now).await,
                 Ok(None) => {}
                 Err(e) => tracing::warn!(error = %e, "closed-loop call not made now; the worker retries it"),
             }
@@ -183,7 +275,7 @@ pub async fn run_due(desk: &Desk, limit: i64) -> Result<usize, sqlx::Error> {
             trace_id = tracing::field::Empty, span_id = tracing::field::Empty);
         let tc = TraceContext { traceparent: d.traceparent.clone(), tracestate: d.tracestate.clone() };
         telemetry::adopt_parent(&span, telemetry::context_from_event(Some(&tc)));
-        make(desk, d, now).instrument(span)
+        make(desk, d, None, now).instrument(span)
     });
     // A few at a time: a backlog drains without flooding outreach.
     futures_util::stream::iter(calls).buffer_unordered(WORKER_CONCURRENCY).collect::<Vec<()>>().await;
@@ -198,8 +290,8 @@ struct Item {
     language: String,
 }
 
-async fn make(desk: &Desk, due: Due, now: DateTime<Utc>) {
-    let outcome = call(desk, &due).await;
+async fn make(desk: &Desk, due: Due, item: Option<Item>, now: DateTime<Utc>) {
+    let outcome = call(desk, &due, item).await;
     let (done, text) = match &outcome {
         Ok(text) => (true, text.clone()),
         Err(CallError::Permanent(m)) => (true, format!("gave up: {m}")),
@@ -227,17 +319,22 @@ async fn make(desk: &Desk, due: Due, now: DateTime<Utc>) {
     }
 }
 
-async fn call(desk: &Desk, due: &Due) -> Result<String, CallError> {
+/// Makes one call; `item` is what the caller already knows of the item (read otherwise).
+async fn call(desk: &Desk, due: &Due, item: Option<Item>) -> Result<String, CallError> {
     let Some(outreach) = desk.outreach.as_ref() else {
-        return Ok("skipped: FEEDBACK_OUTREACH_URL is not set".into());
+        return Ok(SKIPPED.into());
     };
     let retry = |e: sqlx::Error| CallError::Retry(format!("database: {e}"));
-    let item: Item =
-        sqlx::query_as("SELECT customer_id, customer_verified, channel, language FROM feedback WHERE feedback_id = $1")
-            .bind(due.feedback_id)
-            .fetch_one(&desk.pool)
-            .await
-            .map_err(retry)?;
+    let item: Item = match item {
+        Some(item) => item,
+        None => sqlx::query_as(
+            "SELECT customer_id, customer_verified, channel, language FROM feedback WHERE feedback_id = $1",
+        )
+        .bind(due.feedback_id)
+        .fetch_one(&desk.pool)
+        .await
+        .map_err(retry)?,
+    };
     let mut customer = item.customer_id;
     if !item.customer_verified
         && let Some(profiles) = desk.profiles.as_ref()

@@ -166,8 +166,9 @@ pub struct Intake {
     pub feedback: FeedbackRow,
     /// Its ticket (row and wire form), if it needed one.
     pub ticket: Option<(TicketRow, pb::Ticket)>,
-    /// The acknowledgement to make after commit.
-    pub acknowledgement: Uuid,
+    /// The acknowledgement, when this replica makes it right after commit
+    /// (otherwise a worker does, or outreach is not configured).
+    pub acknowledgement: Option<closed_loop::Leased>,
 }
 
 /// Classifies and stores an item in the caller's transaction: the item with
@@ -183,11 +184,6 @@ pub async fn take_in(
     now: DateTime<Utc>,
 ) -> Result<Intake, ApiError> {
     let c = desk.classifier.classify(&sub.text, sub.rating);
-    // One intake per customer at a time: repeat detection must see the other.
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('feedback:customer'), hashtext($1))")
-        .bind(customer.0.to_string())
-        .execute(&mut *conn)
-        .await?;
     let id = Uuid::now_v7();
     let needs_ticket = ticket::needs_ticket(c.category, c.urgent, c.sentiment);
     let ticket_id = needs_ticket.then(Uuid::now_v7);
@@ -224,14 +220,21 @@ pub async fn take_in(
         outbox::Staged::new(SERVICE, Aggregate { kind: "feedback", id: &id.to_string() }, request_id, &received)?;
     let (event_ids, types, aggregates, envelopes) = outbox::Staged::columns(&[event]);
     let ack = closed_loop::LoopCall::new(LoopKind::Acknowledge, id, ticket_id, format!("feedback-ack-{id}"), now);
+    let start = closed_loop::Start::choose(desk);
+    let (attempts, next_attempt, done, outcome) = start.birth(desk, now);
+    // One intake per customer at a time: the ticket's repeat detection (the
+    // next statement, with a snapshot taken after this one) must see the
+    // other. The lock is taken before the outbox rows are produced.
     sqlx::query(
-        "WITH f AS (INSERT INTO feedback (feedback_id, customer_id, submitted_customer_id, customer_verified, channel, text, rating, \
+        "WITH lk AS (SELECT pg_advisory_xact_lock(hashtext('feedback:customer'), hashtext($2::text))), \
+              f AS (INSERT INTO feedback (feedback_id, customer_id, submitted_customer_id, customer_verified, channel, text, rating, \
                     language, category, confidence, urgent, sentiment, topic, evidence, ticket_id, created_at) \
                     VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16)), \
-              l AS (INSERT INTO loop_calls (call_id, kind, feedback_id, ticket_id, request_id, traceparent, tracestate, next_attempt_at, created_at) \
-                    VALUES ($17,$18,$1,$15,$19,$20,$21,$16,$16)) \
+              l AS (INSERT INTO loop_calls (call_id, kind, feedback_id, ticket_id, request_id, traceparent, tracestate, \
+                    attempts, next_attempt_at, done_at, outcome, created_at) \
+                    VALUES ($17,$18,$1,$15,$19,$20,$21,$26,$27,$28,$29,$16)) \
          INSERT INTO kit_outbox (event_id, event_type, aggregate_id, envelope) \
-         SELECT * FROM UNNEST($22::uuid[], $23::text[], $24::text[], $25::bytea[])",
+         SELECT u.* FROM lk, UNNEST($22::uuid[], $23::text[], $24::text[], $25::bytea[]) AS u",
     )
     .bind(id)
     .bind(customer.0)
@@ -258,8 +261,13 @@ pub async fn take_in(
     .bind(&types)
     .bind(&aggregates)
     .bind(&envelopes)
+    .bind(attempts)
+    .bind(next_attempt)
+    .bind(done)
+    .bind(outcome)
     .execute(&mut *conn)
     .await?;
+    let acknowledgement = ack.leased(start, customer, row.channel, &row.language);
     let ticket = match ticket_id {
         Some(ticket_id) => {
             let new = NewTicket {
@@ -274,7 +282,7 @@ pub async fn take_in(
         }
         None => None,
     };
-    Ok(Intake { feedback: row, ticket, acknowledgement: ack.call_id })
+    Ok(Intake { feedback: row, ticket, acknowledgement })
 }
 
 /// Records that profiles confirmed an item's customer (as `live`, following merges).

@@ -105,6 +105,7 @@ async fn with_profiles_down_feedback_is_accepted_and_the_customer_checked_before
     assert_eq!(f.customer_id, loser.to_string());
     // The immediate attempt finds profiles down: nothing is sent to an unconfirmed customer.
     wait_for("the first attempt", async || app.profiles.calls.load(Ordering::SeqCst) >= 2).await;
+    first_attempt_recorded(&app).await;
     assert!(app.outreach.received.lock().unwrap().is_empty());
 
     app.profiles.down.store(false, Ordering::SeqCst);
@@ -125,6 +126,7 @@ async fn an_outreach_outage_delays_the_acknowledgement_but_loses_none() {
     app.outreach.failures.store(2, Ordering::SeqCst);
     complain(&mut agent, Uuid::now_v7()).await;
     wait_for("the failed first attempt", async || app.outreach.failures.load(Ordering::SeqCst) == 1).await;
+    first_attempt_recorded(&app).await;
     // Not due yet: backoff.
     assert_eq!(closed_loop::run_due(&app.desk, 10).await.unwrap(), 0);
     app.clock.advance(Duration::seconds(10));
@@ -138,6 +140,41 @@ async fn an_outreach_outage_delays_the_acknowledgement_but_loses_none() {
     let (attempts, done): (i32, bool) =
         sqlx::query_as("SELECT attempts, done_at IS NOT NULL FROM loop_calls").fetch_one(&app.pool).await.unwrap();
     assert_eq!((attempts, done), (3, true));
+}
+
+/// Waits until the immediate attempt's outcome is written (a worker round
+/// run while that write holds the row would skip it).
+async fn first_attempt_recorded(app: &App) {
+    wait_for("the first attempt's outcome", async || {
+        sqlx::query_scalar::<_, bool>("SELECT outcome <> '' FROM loop_calls").fetch_one(&app.pool).await.unwrap()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_acknowledgement_is_leased_at_birth_and_taken_over_once_its_lease_runs_out() {
+    // FBK-3: the replica that took the item makes the acknowledgement right
+    // after commit, from a row written already leased to it; if it goes
+    // quiet, another takes over after the lease (5 s in these tests) and the
+    // customer still gets one message.
+    let app = start().await;
+    let mut agent = client(&app, &[Role::Agent]);
+    let held = app.outreach.gate.write().await;
+    complain(&mut agent, Uuid::now_v7()).await;
+    wait_for("the immediate call", async || app.outreach.calls.load(Ordering::SeqCst) == 1).await;
+    let row = async || -> (i32, bool) {
+        sqlx::query_as("SELECT attempts, done_at IS NOT NULL FROM loop_calls").fetch_one(&app.pool).await.unwrap()
+    };
+    assert_eq!(row().await, (1, false), "written leased: attempt 1 under way, no write needed to claim it");
+    assert_eq!(closed_loop::run_due(&app.desk, 10).await.unwrap(), 0, "not made twice while leased");
+    app.clock.advance(Duration::seconds(6));
+    let desk = app.desk.clone();
+    let worker = tokio::spawn(async move { closed_loop::run_due(&desk, 10).await });
+    wait_for("the worker's attempt", async || row().await == (2, false)).await;
+    drop(held);
+    assert_eq!(worker.await.unwrap().unwrap(), 1);
+    wait_for("both attempts settled", async || row().await == (2, true)).await;
+    assert_eq!(app.outreach.received.lock().unwrap().len(), 1, "one message: one request id for both attempts");
 }
 
 #[tokio::test]

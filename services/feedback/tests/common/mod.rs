@@ -41,16 +41,22 @@ impl Profiles for FakeProfiles {
     }
 }
 
-/// outreach that records what it is asked; `failures` calls fail first.
+/// outreach that records what it is asked; `failures` calls fail first;
+/// while a test holds `gate` for writing, calls wait (a replica gone quiet
+/// in the middle of a call).
 #[derive(Default)]
 pub struct FakeOutreach {
     pub received: Mutex<Vec<outreach::AcknowledgeFeedbackRequest>>,
     pub failures: AtomicUsize,
+    pub gate: tokio::sync::RwLock<()>,
+    pub calls: AtomicUsize,
 }
 
 impl Outreach for FakeOutreach {
     fn acknowledge(&self, request: outreach::AcknowledgeFeedbackRequest) -> Call<'_, Result<String, CallError>> {
         Box::pin(async move {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            let _open = self.gate.read().await;
             if self.failures.load(Ordering::SeqCst) > 0 {
                 self.failures.fetch_sub(1, Ordering::SeqCst);
                 return Err(CallError::Retry("outreach unavailable (test)".into()));
