@@ -161,7 +161,37 @@ impl Kit {
     pub fn spawn_consumer<H: EventHandler>(&mut self, services: &[&str], handler: H) -> Result<(), KitError> {
         let streams =
             services.iter().map(|s| crate::outbox::stream_name(&self.config.event_stream_prefix, s)).collect();
-        let settings = ConsumerSettings::from_config(&self.config, streams);
+        self.spawn_named_consumer(ConsumerSettings::from_config(&self.config, streams), handler)
+    }
+
+    /// Starts `n` consumers of the streams of `services` in this replica,
+    /// members of the same group (named `<CONSUMER_NAME>-<i>`), so that one
+    /// replica applies `n` batches at once, as `n` replicas would. The
+    /// handler must be safe under concurrent batches, as with replicas.
+    pub fn spawn_consumers<H: EventHandler + Clone>(
+        &mut self,
+        services: &[&str],
+        handler: H,
+        n: usize,
+    ) -> Result<(), KitError> {
+        if n <= 1 {
+            return self.spawn_consumer(services, handler);
+        }
+        let streams: Vec<String> =
+            services.iter().map(|s| crate::outbox::stream_name(&self.config.event_stream_prefix, s)).collect();
+        for i in 0..n {
+            let mut settings = ConsumerSettings::from_config(&self.config, streams.clone());
+            settings.name = format!("{}-{i}", settings.name);
+            self.spawn_named_consumer(settings, handler.clone())?;
+        }
+        Ok(())
+    }
+
+    fn spawn_named_consumer<H: EventHandler>(
+        &mut self,
+        settings: ConsumerSettings,
+        handler: H,
+    ) -> Result<(), KitError> {
         let consumer = Consumer::new(self.pg.clone(), &self.config.redis_url, settings, handler, self.metrics.clone())
             .map_err(|e| ConfigError::new("REDIS_URL", None, e.to_string()))?;
         let signal = self.shutdown.signal();

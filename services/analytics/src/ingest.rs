@@ -421,9 +421,6 @@ impl Ingest {
 
         // Purchases, new ones only.
         let fresh = self.purchases(tx, &b, &live_of).await?;
-        let bought: Vec<(Uuid, DateTime<Utc>)> =
-            fresh.iter().filter(|(_, p)| !p.refund).map(|(c, p)| (*c, p.at)).collect();
-        crate::bits::mark_bought(tx, &bought, self.tz).await?;
         let mut history: BTreeMap<Uuid, Vec<Purchase>> = BTreeMap::new();
         for (customer, p) in &fresh {
             history.entry(*customer).or_default().push(*p);
@@ -468,6 +465,11 @@ impl Ingest {
         self.messages(tx, &b, &mut d).await?;
         self.outcomes(tx, &b, &mut d).await?;
         self.service(tx, &b, &mut d).await?;
+        // The shared rows last (bitmap chunks, then rollups, each in key
+        // order): a concurrent batch waits on them only until this commits.
+        let bought: Vec<(Uuid, DateTime<Utc>)> =
+            fresh.iter().filter(|(_, p)| !p.refund).map(|(c, p)| (*c, p.at)).collect();
+        crate::bits::mark_bought(tx, &bought, self.tz).await?;
         write_deltas(tx, d).await
     }
 

@@ -29,6 +29,11 @@ pub const ANALYTICS_VARS: &[VarSpec] = &[
         "7",
         "Days after a campaign assignment in which a purchase or response counts for lift (OUT-8, ANA-3).",
     ),
+    var(
+        "ANALYTICS_CONSUMERS",
+        "2",
+        "Event batches a replica applies at once (consumers of the group in this replica), 1 to 16.",
+    ),
 ];
 
 /// What the kit needs to run analytics.
@@ -49,6 +54,8 @@ pub struct AnalyticsConfig {
     pub tz: Tz,
     /// `ANALYTICS_ATTRIBUTION_DAYS`.
     pub attribution: chrono::Duration,
+    /// `ANALYTICS_CONSUMERS`.
+    pub consumers: usize,
 }
 
 impl AnalyticsConfig {
@@ -59,7 +66,8 @@ impl AnalyticsConfig {
             .parse()
             .map_err(|_| ConfigError::new("ANALYTICS_TIMEZONE", Some(&name), "is not an IANA time zone"))?;
         let days = env.bounded("ANALYTICS_ATTRIBUTION_DAYS", 7, 1, 365)?;
-        Ok(Self { tz, attribution: chrono::Duration::days(days as i64) })
+        let consumers = env.bounded("ANALYTICS_CONSUMERS", 2, 1, 16)? as usize;
+        Ok(Self { tz, attribution: chrono::Duration::days(days as i64), consumers })
     }
 
     /// The event consumer with these settings.
@@ -96,7 +104,7 @@ pub fn spawn_workers(kit: &mut Kit, config: &AnalyticsConfig) -> Result<(), KitE
     kit.spawn_outbox_relay();
     let signal = kit.shutdown_signal();
     kit.spawn(bits::maintain(kit.pg.clone(), config.tz, std::time::Duration::from_secs(60), signal));
-    kit.spawn_consumer(SOURCES, config.ingest())
+    kit.spawn_consumers(SOURCES, config.ingest(), config.consumers)
 }
 
 /// Wires and serves analytics.

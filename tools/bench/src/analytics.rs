@@ -68,12 +68,6 @@ fn generator(customers: usize, seed: u64) -> crm_datagen::Generator {
 async fn ingestion(customers: usize) {
     let (events, _) = base_events(generator(customers, 5));
     let n = events.len();
-    let stream = crate::publish_to_stream(&events).await;
-
-    let mut config = crm_kit::testing::config("analytics").await;
-    config.database_statement_timeout = Duration::ZERO;
-    let reader = crm_kit::db::pg_pool(&config).expect("pool");
-    crm_kit::db::migrate(&reader, &config.database_schema, crm_analytics::SPEC.migrator).await.expect("migrate");
     // Floor: the purchase rows as one bare INSERT per 1 000.
     let rows: Vec<(String, uuid::Uuid, chrono::DateTime<chrono::Utc>, i64)> = events
         .iter()
@@ -93,6 +87,14 @@ async fn ingestion(customers: usize) {
             })
         })
         .collect();
+    let schema = async || {
+        let mut config = crm_kit::testing::config("analytics").await;
+        config.database_statement_timeout = Duration::ZERO;
+        let pool = crm_kit::db::pg_pool(&config).expect("pool");
+        crm_kit::db::migrate(&pool, &config.database_schema, crm_analytics::SPEC.migrator).await.expect("migrate");
+        pool
+    };
+    let reader = schema().await;
     sqlx::raw_sql("CREATE TABLE floor_purchases (LIKE purchases INCLUDING ALL)").execute(&reader).await.expect("floor");
     let started = Instant::now();
     for chunk in rows.chunks(1000) {
@@ -107,10 +109,18 @@ async fn ingestion(customers: usize) {
     }
     let floor = rows.len() as f64 / started.elapsed().as_secs_f64();
 
+    // The same events into an empty schema each time: one consumer, then
+    // the service's default (ANALYTICS_CONSUMERS=2: two batches at once).
     let ingest = Ingest { tz: chrono_tz::Asia::Shanghai, window: chrono::Duration::days(7) };
-    let rate = crate::consume_all(&reader, &stream, ingest, 1000, n).await;
-    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM purchases").fetch_one(&reader).await.expect("count");
-    assert_eq!(stored as usize, rows.len(), "every purchase applied once");
+    let mut rates = Vec::new();
+    for consumers in [1usize, 2] {
+        let pool = if consumers == 1 { reader.clone() } else { schema().await };
+        let stream = crate::publish_to_stream(&events).await;
+        let rate = crate::consume_all(&pool, &stream, ingest.clone(), 1000, n, consumers).await;
+        let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM purchases").fetch_one(&pool).await.expect("count");
+        assert_eq!(stored as usize, rows.len(), "every purchase applied once");
+        rates.push((consumers, rate));
+    }
     println!(
         "### Event ingestion through the bus ({n} events of {customers} generated customers: CustomerCreated and TransactionRecorded)\n"
     );
@@ -119,10 +129,18 @@ async fn ingestion(customers: usize) {
         "| floor: bare INSERT of the {} purchase rows, 1 000 per statement | {floor:.0} (rows/s) | baseline |",
         rows.len()
     );
-    println!(
-        "| analytics consumer: Redis Streams, inbox, facts, per-customer contributions, rollups (batches of 1 000) | {rate:.0} | {:.0} % |\n",
-        100.0 * rate / floor
-    );
+    for (consumers, rate) in rates {
+        let who = if consumers == 1 {
+            "one consumer".to_string()
+        } else {
+            format!("{consumers} consumers of one group (ANALYTICS_CONSUMERS default)")
+        };
+        println!(
+            "| analytics, {who}: Redis Streams, inbox, facts, per-customer contributions, bitmaps, rollups (batches of 1 000) | {rate:.0} | {:.0} % |",
+            100.0 * rate / floor
+        );
+    }
+    println!();
 }
 
 /// Campaign and feedback events over the base: a campaign to every fifth

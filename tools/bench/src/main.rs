@@ -597,36 +597,54 @@ async fn publish_to_stream(events: &[crm_kit::outbox::Staged]) -> String {
     crm_kit::outbox::stream_name(&config.event_stream_prefix, "profiles")
 }
 
-/// Consumes `n` events of `stream` into `pool` with the real consumer and
+/// Consumes `n` events of `stream` into `pool` with `consumers` real
+/// consumers of one group at once (as that many replicas would) and
 /// `handler` (batches of `batch_size`); returns events per second. Deletes
 /// the stream afterwards.
-async fn consume_all<H: crm_kit::consumer::EventHandler>(
+async fn consume_all<H: crm_kit::consumer::EventHandler + Clone + 'static>(
     pool: &sqlx::PgPool,
     stream: &str,
     handler: H,
     batch_size: usize,
     n: usize,
+    consumers: usize,
 ) -> f64 {
-    let settings = crm_kit::consumer::ConsumerSettings {
-        group: crm_kit::testing::unique_name("bench_reader"),
-        name: "bench".into(),
-        streams: vec![stream.to_string()],
-        batch_size,
-        block: Duration::from_millis(100),
-        claim_idle: Duration::from_secs(60),
-    };
-    let mut consumer = crm_kit::consumer::Consumer::new(
-        pool.clone(),
-        &crm_kit::testing::redis_url(),
-        settings,
-        handler,
-        crm_kit::metrics::Metrics::new("bench"),
-    )
-    .expect("consumer");
+    let group = crm_kit::testing::unique_name("bench_reader");
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut readers = Vec::new();
+    for i in 0..consumers.max(1) {
+        let settings = crm_kit::consumer::ConsumerSettings {
+            group: group.clone(),
+            name: format!("bench-{i}"),
+            streams: vec![stream.to_string()],
+            batch_size,
+            block: Duration::from_millis(100),
+            claim_idle: Duration::from_secs(60),
+        };
+        let consumer = crm_kit::consumer::Consumer::new(
+            pool.clone(),
+            &crm_kit::testing::redis_url(),
+            settings,
+            handler.clone(),
+            crm_kit::metrics::Metrics::new("bench"),
+        )
+        .expect("consumer");
+        readers.push((consumer, done.clone()));
+    }
     let started = Instant::now();
-    let mut done = 0;
-    while done < n {
-        done += consumer.poll_once().await.expect("consume");
+    let tasks: Vec<_> = readers
+        .into_iter()
+        .map(|(mut consumer, done)| {
+            tokio::spawn(async move {
+                while done.load(std::sync::atomic::Ordering::SeqCst) < n {
+                    let k = consumer.poll_once().await.expect("consume");
+                    done.fetch_add(k, std::sync::atomic::Ordering::SeqCst);
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("consumer task");
     }
     let rate = n as f64 / started.elapsed().as_secs_f64();
     let client = redis::Client::open(crm_kit::testing::redis_url()).expect("redis");
@@ -662,7 +680,7 @@ async fn consume_throughput(events: usize) {
     crm_kit::db::migrate(&reader, &reader_config.database_schema, crm_segmentation::SPEC.migrator)
         .await
         .expect("reader");
-    let rate = consume_all(&reader, &stream, crm_segmentation::read_model::ReadModel, 500, events).await;
+    let rate = consume_all(&reader, &stream, crm_segmentation::read_model::ReadModel, 500, events, 1).await;
     let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM transactions").fetch_one(&reader).await.expect("count");
     assert_eq!(stored as usize, events);
     println!(
