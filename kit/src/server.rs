@@ -159,9 +159,11 @@ impl Kit {
 
     /// Starts a consumer of the event streams of `services` (e.g. `["outreach"]`).
     pub fn spawn_consumer<H: EventHandler>(&mut self, services: &[&str], handler: H) -> Result<(), KitError> {
-        let streams =
-            services.iter().map(|s| crate::outbox::stream_name(&self.config.event_stream_prefix, s)).collect();
-        self.spawn_named_consumer(ConsumerSettings::from_config(&self.config, streams), handler)
+        self.spawn_named_consumer(ConsumerSettings::from_config(&self.config, self.streams(services)), handler)
+    }
+
+    fn streams(&self, services: &[&str]) -> Vec<String> {
+        services.iter().map(|s| crate::outbox::stream_name(&self.config.event_stream_prefix, s)).collect()
     }
 
     /// Starts `n` consumers of the streams of `services` in this replica,
@@ -177,8 +179,7 @@ impl Kit {
         if n <= 1 {
             return self.spawn_consumer(services, handler);
         }
-        let streams: Vec<String> =
-            services.iter().map(|s| crate::outbox::stream_name(&self.config.event_stream_prefix, s)).collect();
+        let streams = self.streams(services);
         for i in 0..n {
             let mut settings = ConsumerSettings::from_config(&self.config, streams.clone());
             settings.name = format!("{}-{i}", settings.name);

@@ -405,7 +405,7 @@ impl FeedbackApi {
         fresh.complete(&mut tx, &out).await?;
         tx.commit().await?;
         if let Some(call) = call {
-            closed_loop::spawn_now(&self.desk, call);
+            closed_loop::make_leased(&self.desk, call);
         }
         Ok(out)
     }
@@ -417,16 +417,23 @@ impl FeedbackApi {
         t: &TicketRow,
         resolved: bool,
         now: DateTime<Utc>,
-    ) -> Result<Option<Uuid>, ApiError> {
+    ) -> Result<Option<closed_loop::Leased>, ApiError> {
         if !resolved {
             return Ok(None);
         }
         let request_id = format!("feedback-check-{}-{}", t.ticket_id, t.resolutions);
-        let id =
-            closed_loop::enqueue(tx, LoopKind::ResolutionCheck, t.feedback_id, Some(t.ticket_id), &request_id, now)
-                .await?;
+        let call = closed_loop::enqueue(
+            tx,
+            &self.desk,
+            LoopKind::ResolutionCheck,
+            t.feedback_id,
+            Some(t.ticket_id),
+            &request_id,
+            now,
+        )
+        .await?;
         tickets::record(tx, t.ticket_id, now, "system", "verification_requested", None, "").await?;
-        Ok(Some(id))
+        Ok(call)
     }
 
     async fn verification(&self, req: pb::RecordVerificationRequest) -> Result<pb::Ticket, ApiError> {

@@ -4,9 +4,9 @@
 //!
 //! A call is written to `loop_calls` in the same transaction as the change
 //! that causes it, then made at once (after commit) and, if outreach cannot
-//! be reached, again with backoff by whichever replica finds it due. An
-//! acknowledgement at intake is written already leased to the replica that
-//! makes it at once ([`Start`]), so that costs no write of its own. Each
+//! be reached, again with backoff by whichever replica finds it due. A call
+//! is written already leased to the replica that makes it at once
+//! ([`Start`]), so making it costs no write of its own to claim it. Each
 //! call has a fixed outreach `request_id`, so a retry, or two replicas making
 //! the same call, send one message. The call continues the trace of the
 //! request that caused it. Before acknowledging an item whose customer could
@@ -91,19 +91,26 @@ impl LoopKind {
     }
 }
 
-/// Records a call to make, in the caller's transaction, with the current trace context.
+/// Records a call to make, in the caller's transaction, with the current
+/// trace context ([`Start`] decides how it is first made); returns it when
+/// this replica makes it after commit. A call already recorded under
+/// `request_id` is left as it is.
 pub async fn enqueue(
     conn: &mut PgConnection,
+    desk: &Desk,
     kind: LoopKind,
     feedback_id: Uuid,
     ticket_id: Option<Uuid>,
     request_id: &str,
     now: DateTime<Utc>,
-) -> Result<Uuid, ApiError> {
+) -> Result<Option<Leased>, ApiError> {
     let call = LoopCall::new(kind, feedback_id, ticket_id, request_id.to_string(), now);
-    sqlx::query(
-        "INSERT INTO loop_calls (call_id, kind, feedback_id, ticket_id, request_id, traceparent, tracestate, next_attempt_at, created_at) \
-         VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$8) ON CONFLICT (request_id) DO NOTHING",
+    let start = Start::choose(desk);
+    let (attempts, next_attempt, done, outcome) = start.birth(desk, now);
+    let recorded: Option<Uuid> = sqlx::query_scalar(
+        "INSERT INTO loop_calls (call_id, kind, feedback_id, ticket_id, request_id, traceparent, tracestate, \
+                                 attempts, next_attempt_at, done_at, outcome, created_at) \
+         VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12) ON CONFLICT (request_id) DO NOTHING RETURNING call_id",
     )
     .bind(call.call_id)
     .bind(kind.key())
@@ -112,10 +119,14 @@ pub async fn enqueue(
     .bind(&call.request_id)
     .bind(&call.traceparent)
     .bind(&call.tracestate)
-    .bind(call.due)
-    .execute(&mut *conn)
+    .bind(attempts)
+    .bind(next_attempt)
+    .bind(done)
+    .bind(outcome)
+    .bind(now)
+    .fetch_optional(&mut *conn)
     .await?;
-    Ok(call.call_id)
+    Ok(recorded.and_then(|_| call.leased(start, None)))
 }
 
 #[derive(Debug, sqlx::FromRow)]
@@ -178,12 +189,13 @@ impl Start {
 pub struct Leased {
     permit: tokio::sync::OwnedSemaphorePermit,
     due: Due,
-    item: Item,
+    item: Option<Item>,
 }
 
 impl LoopCall {
-    /// The call as made right after commit, when `start` leased it at birth.
-    pub fn leased(&self, start: Start, customer: (Uuid, bool), channel: i16, language: &str) -> Option<Leased> {
+    /// The call as made right after commit, when `start` leased it at birth;
+    /// `item` is what the caller knows of the item (read when needed otherwise).
+    pub fn leased(&self, start: Start, item: Option<Item>) -> Option<Leased> {
         let Start::Now(permit) = start else { return None };
         Some(Leased {
             permit,
@@ -197,12 +209,7 @@ impl LoopCall {
                 tracestate: self.tracestate.clone(),
                 attempts: 1,
             },
-            item: Item {
-                customer_id: customer.0,
-                customer_verified: customer.1,
-                channel,
-                language: language.to_string(),
-            },
+            item,
         })
     }
 }
@@ -217,39 +224,7 @@ pub fn make_leased(desk: &Desk, call: Leased) {
         async move {
             let _permit = call.permit;
             let now = desk.clock.now();
-            make(&desk, call.due, Some(call.item), now).await;
-        }
-        .instrument(span),
-    );
-}
-
-/// Makes the call `id` now if it is still due (right after the commit that
-/// recorded it), in the current span.
-pub fn spawn_now(desk: &Desk, id: Uuid) {
-    let Ok(permit) = desk.calls_in_flight.clone().try_acquire_owned() else {
-        // Busy: the worker makes it within a round.
-        return;
-    };
-    let desk = desk.clone();
-    let span = tracing::info_span!("feedback.closed_loop", call_id = %id);
-    tokio::spawn(
-        async move {
-            let _permit = permit;
-            let now = desk.clock.now();
-            let leased: Result<Option<Due>, sqlx::Error> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                "UPDATE loop_calls SET attempts = attempts + 1, next_attempt_at = $3 \
-                 WHERE call_id = $1 AND done_at IS NULL AND next_attempt_at <= $2 {RETURNING}"
-            )))
-            .bind(id)
-            .bind(now)
-            .bind(now + desk.settings.call_lease)
-            .fetch_optional(&desk.pool)
-            .await;
-            match leased {
-                Ok(Some(due)) => make(&desk, due, None, now).await,
-                Ok(None) => {}
-                Err(e) => tracing::warn!(error = %e, "closed-loop call not made now; the worker retries it"),
-            }
+            make(&desk, call.due, call.item, now).await;
         }
         .instrument(span),
     );
@@ -282,12 +257,17 @@ pub async fn run_due(desk: &Desk, limit: i64) -> Result<usize, sqlx::Error> {
     Ok(n)
 }
 
+/// What a call needs of its item.
 #[derive(Debug, sqlx::FromRow)]
-struct Item {
-    customer_id: Uuid,
-    customer_verified: bool,
-    channel: i16,
-    language: String,
+pub struct Item {
+    /// The customer.
+    pub customer_id: Uuid,
+    /// Confirmed by profiles.
+    pub customer_verified: bool,
+    /// Channel code.
+    pub channel: i16,
+    /// "zh" or "en".
+    pub language: String,
 }
 
 async fn make(desk: &Desk, due: Due, item: Option<Item>, now: DateTime<Utc>) {

@@ -267,7 +267,15 @@ pub async fn take_in(
     .bind(outcome)
     .execute(&mut *conn)
     .await?;
-    let acknowledgement = ack.leased(start, customer, row.channel, &row.language);
+    let acknowledgement = ack.leased(
+        start,
+        Some(closed_loop::Item {
+            customer_id: customer.0,
+            customer_verified: customer.1,
+            channel: row.channel,
+            language: row.language.clone(),
+        }),
+    );
     let ticket = match ticket_id {
         Some(ticket_id) => {
             let new = NewTicket {
