@@ -131,6 +131,12 @@ impl Bitmap {
     }
 }
 
+/// The SQL select-list items `chunk, mask` of customer numbers `idx` (an
+/// aggregate: the one-hot bits of each group's numbers OR-ed per chunk).
+fn one_hot(idx: &str) -> String {
+    format!("{idx} / {CHUNK} AS chunk, bit_or(B'1'::bit({CHUNK}) >> ({idx} % {CHUNK})) AS mask")
+}
+
 /// A multiplicative hash that spreads consecutive numbers over `u32`.
 fn spread(x: i32) -> u32 {
     (x as u32).wrapping_mul(0x9E37_79B1).rotate_right(7).wrapping_mul(0x85EB_CA6B)
@@ -244,15 +250,16 @@ async fn set_bought(tx: &mut PgConnection, bought: &[(Uuid, DateTime<Utc>)], tz:
     let (customers, days): (Vec<Uuid>, Vec<Day>) = rows.into_iter().unzip();
     let months: Vec<Month> = days.iter().map(|d| month_of_day(*d)).collect();
     // Rows in key order, so that two consumers lock them in the same order.
-    sqlx::query(
+    sqlx::query(sqlx::AssertSqlSafe(format!(
         "INSERT INTO activity_bits (grain, period, chunk, bits) \
-         SELECT g.grain, g.period, c.idx / 8192, bit_or(B'1'::bit(8192) >> (c.idx % 8192)) \
+         SELECT g.grain, g.period, {} \
          FROM UNNEST($1::uuid[], $2::int[], $3::int[]) AS t(customer_id, day, month) \
          JOIN customers c ON c.customer_id = t.customer_id \
          CROSS JOIN LATERAL (VALUES (0::smallint, t.day), (1::smallint, t.month)) AS g(grain, period) \
          GROUP BY 1, 2, 3 ORDER BY 1, 2, 3 \
          ON CONFLICT (grain, period, chunk) DO UPDATE SET bits = activity_bits.bits | EXCLUDED.bits",
-    )
+        one_hot("c.idx")
+    )))
     .bind(&customers)
     .bind(&days)
     .bind(&months)
@@ -285,13 +292,14 @@ pub async fn resync(
         periods.push(m);
     }
     if !grains.is_empty() {
-        sqlx::query(
+        sqlx::query(sqlx::AssertSqlSafe(format!(
             "UPDATE activity_bits a SET bits = a.bits & ~m.mask \
-             FROM (SELECT idx / 8192 AS chunk, bit_or(B'1'::bit(8192) >> (idx % 8192)) AS mask \
+             FROM (SELECT {} \
                    FROM customers WHERE customer_id = ANY($1) GROUP BY 1) m, \
                   UNNEST($2::smallint[], $3::int[]) AS r(grain, period) \
              WHERE a.grain = r.grain AND a.period = r.period AND a.chunk = m.chunk",
-        )
+            one_hot("idx")
+        )))
         .bind(customers)
         .bind(&grains)
         .bind(&periods)
@@ -322,11 +330,14 @@ pub async fn memberships(
     .await?;
     if !joined.is_empty() {
         sqlx::query(
-            "INSERT INTO segment_bits (segment_id, chunk, bits) \
-             SELECT t.segment_id, c.idx / 8192, bit_or(B'1'::bit(8192) >> (c.idx % 8192)) \
+            sqlx::AssertSqlSafe(format!(
+"INSERT INTO segment_bits (segment_id, chunk, bits) \
+             SELECT t.segment_id, {} \
              FROM UNNEST($1::uuid[], $2::uuid[]) AS t(segment_id, customer_id) JOIN customers c ON c.customer_id = t.customer_id \
              GROUP BY 1, 2 ORDER BY 1, 2 \
              ON CONFLICT (segment_id, chunk) DO UPDATE SET bits = segment_bits.bits | EXCLUDED.bits",
+        one_hot("c.idx")
+)),
         )
         .bind(joined.iter().map(|(s, _)| *s).collect::<Vec<_>>())
         .bind(joined.iter().map(|(_, c)| *c).collect::<Vec<_>>())
@@ -334,13 +345,14 @@ pub async fn memberships(
         .await?;
     }
     if !left.is_empty() {
-        sqlx::query(
+        sqlx::query(sqlx::AssertSqlSafe(format!(
             "UPDATE segment_bits b SET bits = b.bits & ~m.mask \
-             FROM (SELECT t.segment_id, c.idx / 8192 AS chunk, bit_or(B'1'::bit(8192) >> (c.idx % 8192)) AS mask \
+             FROM (SELECT t.segment_id, {} \
                    FROM UNNEST($1::uuid[], $2::uuid[]) AS t(segment_id, customer_id) \
                    JOIN customers c ON c.customer_id = t.customer_id GROUP BY 1, 2) m \
              WHERE b.segment_id = m.segment_id AND b.chunk = m.chunk",
-        )
+            one_hot("c.idx")
+        )))
         .bind(left.iter().map(|(s, _)| *s).collect::<Vec<_>>())
         .bind(left.iter().map(|(_, c)| *c).collect::<Vec<_>>())
         .execute(&mut *tx)
@@ -383,24 +395,28 @@ pub async fn backfill(pool: &PgPool, tz: Tz) -> Result<bool, sqlx::Error> {
     // its mark for the sweep.
     sqlx::query("UPDATE purchases SET in_bits = true WHERE NOT in_bits").execute(&mut *tx).await?;
     sqlx::query(
-        "INSERT INTO activity_bits (grain, period, chunk, bits) \
-         SELECT g.grain, g.period, x.idx / 8192, bit_or(B'1'::bit(8192) >> (x.idx % 8192)) \
+        sqlx::AssertSqlSafe(format!(
+"INSERT INTO activity_bits (grain, period, chunk, bits) \
+         SELECT g.grain, g.period, {} \
          FROM (SELECT DISTINCT c.idx, (p.occurred_at AT TIME ZONE $1)::date AS day \
                FROM purchases p JOIN customers c ON c.customer_id = p.customer_id WHERE NOT p.refund) x \
          CROSS JOIN LATERAL (VALUES (0::smallint, x.day - DATE '1970-01-01'), \
              (1::smallint, (extract(year FROM x.day)::int - 1970) * 12 + extract(month FROM x.day)::int - 1)) AS g(grain, period) \
          GROUP BY 1, 2, 3 \
          ON CONFLICT (grain, period, chunk) DO UPDATE SET bits = activity_bits.bits | EXCLUDED.bits",
+        one_hot("x.idx")
+)),
     )
     .bind(tz.name())
     .execute(&mut *tx)
     .await?;
-    sqlx::query(
+    sqlx::query(sqlx::AssertSqlSafe(format!(
         "INSERT INTO segment_bits (segment_id, chunk, bits) \
-         SELECT m.segment_id, c.idx / 8192, bit_or(B'1'::bit(8192) >> (c.idx % 8192)) \
+         SELECT m.segment_id, {} \
          FROM segment_members m JOIN customers c ON c.customer_id = m.customer_id GROUP BY 1, 2 \
          ON CONFLICT (segment_id, chunk) DO UPDATE SET bits = segment_bits.bits | EXCLUDED.bits",
-    )
+        one_hot("c.idx")
+    )))
     .execute(&mut *tx)
     .await?;
     sqlx::query("INSERT INTO bitmaps_built (zone) VALUES ($1) ON CONFLICT (one) DO UPDATE SET zone = EXCLUDED.zone")
