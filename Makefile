@@ -18,7 +18,7 @@ help:
 	@echo "make token     print an admin token (with pii:read) for grpcurl"
 	@echo "make datagen   write generated CSV data to target/data (CUSTOMERS=, SEED=)"
 	@echo "make bench     benchmarks against raw baselines in the same run (not part of make test; BENCHMARKS.md)"
-	@echo "make bench-segmentation  segmentation recompute vs the bare aggregate query (BENCH_RECOMPUTE_CUSTOMERS=)"
+	@echo "make bench-segmentation  segmentation recompute vs the bare aggregate query, freshness at a steady event rate (BENCH_RECOMPUTE_CUSTOMERS=, BENCH_FRESHNESS_RATE=, BENCH_SECONDS=)"
 	@echo "make bench-outreach  a campaign through the contact policy on two replicas, with a violation checker (BENCH_OUTREACH_CUSTOMERS=)"
 	@echo "make bench-feedback  classification quality and speed, intake at a steady rate (BENCH_FEEDBACK_RATE=, BENCH_SECONDS=)"
 	@echo "make bench-analytics event ingestion vs a bare INSERT; KPI queries on 1 M customers vs full scans (BENCH_ANALYTICS_CUSTOMERS=)"
@@ -74,7 +74,7 @@ bench: backing-services
 # Issue 4: full segmentation recompute vs the bare aggregate query (the floor), same run.
 bench-segmentation: backing-services
 	$(CARGO) build --release --locked -q -p crm-bench
-	RUST_LOG=warn,sqlx=error ./target/release/crm-bench --recompute $${BENCH_RECOMPUTE_CUSTOMERS:-1000000} | tee target/bench-segmentation-latest.md
+	RUST_LOG=warn,sqlx=error ./target/release/crm-bench --recompute $${BENCH_RECOMPUTE_CUSTOMERS:-1000000} --rate $${BENCH_FRESHNESS_RATE:-1000} --seconds $${BENCH_SECONDS:-20} | tee target/bench-segmentation-latest.md
 
 bench-outreach: backing-services
 	$(CARGO) build --release --locked -q -p crm-bench

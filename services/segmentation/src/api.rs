@@ -57,6 +57,33 @@ impl SegmentationApi {
         Ok(Freshness { as_of: as_of.map(ts), computed_at: computed.map(ts) })
     }
 
+    /// A customer's freshness (SEG-7): the newest event their scores reflect.
+    /// A row left alone by a full recompute because nothing changed still
+    /// reflects that recompute's events; a customer waiting for the
+    /// incremental recompute reflects nothing newer than the wait.
+    async fn customer_freshness(
+        &self,
+        id: Uuid,
+        row_as_of: Option<DateTime<Utc>>,
+        computed: DateTime<Utc>,
+    ) -> Result<Freshness, ApiError> {
+        type Times = (Option<DateTime<Utc>>, Option<DateTime<Utc>>, Option<DateTime<Utc>>);
+        let (as_of, computed, waiting): Times = sqlx::query_as(
+            "SELECT GREATEST($2::timestamptz, c.as_of), GREATEST($3::timestamptz, c.rfm_at), d.since \
+                 FROM (SELECT 1) one LEFT JOIN calibration c ON true LEFT JOIN dirty_customers d ON d.customer_id = $1",
+        )
+        .bind(id)
+        .bind(row_as_of)
+        .bind(computed)
+        .fetch_one(&self.pg)
+        .await?;
+        let as_of = match (as_of, waiting) {
+            (Some(a), Some(w)) => Some(a.min(w)),
+            (a, _) => a,
+        };
+        Ok(Freshness { as_of: as_of.map(ts), computed_at: computed.map(ts) })
+    }
+
     async fn live(&self, field: &str, raw: &str) -> Result<Uuid, ApiError> {
         let id = parse_id(field, raw)?;
         let mut conn = self.pg.acquire().await?;
@@ -114,6 +141,7 @@ impl SegmentationApi {
         };
         let history = self.tier_moves(id, None, 12).await?.into_iter().map(|(_, m)| m).collect();
         let computed: DateTime<Utc> = row.try_get("computed_at")?;
+        let freshness = self.customer_freshness(id, row.try_get("as_of")?, computed).await?;
         Ok(pb::CustomerSegmentation {
             customer_id: id.to_string(),
             tier: small("tier")?,
@@ -125,7 +153,7 @@ impl SegmentationApi {
             lifecycle_since: Some(ts(row.try_get("lifecycle_since")?)),
             churn_risk: Some(risk),
             segments: self.customer_segments(id).await?,
-            freshness: Some(self.freshness(Some(computed)).await?),
+            freshness: Some(freshness),
         })
     }
 

@@ -1,7 +1,9 @@
 //! SEG-7 background work, safe with any number of replicas: recompute
-//! operations are claimed with `FOR UPDATE SKIP LOCKED`; the hourly schedule
-//! inserts at most one operation per hour under an advisory lock; the
-//! recompute itself runs one at a time (its own advisory lock).
+//! operations are claimed with `FOR UPDATE SKIP LOCKED`; the schedule
+//! inserts at most one operation per hour, and a calibration when the month
+//! has none yet, under an advisory lock; a full recompute runs one at a time
+//! (its own advisory lock); the incremental recompute claims dirty customers
+//! in batches (see [`crate::recompute`]).
 
 use std::time::Duration;
 
@@ -26,10 +28,21 @@ pub async fn request(pool: &PgPool, scope: RecomputeScope) -> Result<Uuid, sqlx:
     Ok(id)
 }
 
-/// Queues the hourly recompute unless one was queued in the last hour.
-pub async fn schedule_hourly(pool: &PgPool) -> Result<(), sqlx::Error> {
+/// Queues this month's calibration unless it ran (or was queued in the last
+/// day), and the hourly recompute unless one was queued in the last hour.
+pub async fn schedule(pool: &PgPool) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock(hashtext('segmentation:schedule'))").execute(&mut *tx).await?;
+    sqlx::query(
+        "INSERT INTO recompute_operations (operation_id, scope, state) SELECT $1, $2, $3 \
+         WHERE NOT EXISTS (SELECT 1 FROM calibration WHERE tiers_at >= date_trunc('month', now(), 'UTC')) \
+           AND NOT EXISTS (SELECT 1 FROM recompute_operations WHERE scope = $2 AND created_at > now() - interval '1 day')",
+    )
+    .bind(Uuid::now_v7())
+    .bind(RecomputeScope::Calibration as i16)
+    .bind(OperationState::Pending as i16)
+    .execute(&mut *tx)
+    .await?;
     sqlx::query(
         "INSERT INTO recompute_operations (operation_id, scope, state) SELECT $1, $2, $3 \
          WHERE NOT EXISTS (SELECT 1 FROM recompute_operations WHERE created_at > now() - interval '1 hour')",
@@ -83,13 +96,22 @@ pub async fn run_one(pool: &PgPool, worker: &str, thresholds: &Thresholds) -> Re
     tx.commit().await?;
     let now = Utc::now();
     let result = async {
-        if scope != RecomputeScope::Segments as i16 {
-            set(pool, id, OperationState::Running, 10, "scores (RFM, tiers, grid, lifecycle, churn)", "").await?;
-            recompute::run(pool, thresholds, now).await.map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+        let mode = match RecomputeScope::try_from(i32::from(scope)) {
+            Ok(RecomputeScope::Segments) => None,
+            Ok(RecomputeScope::Calibration) => Some(recompute::Mode::Calibration),
+            _ => Some(recompute::Mode::Full),
+        };
+        if let Some(mode) = mode {
+            let step = match mode {
+                recompute::Mode::Calibration => "calibration and scores (RFM, tiers, grid, lifecycle, churn)",
+                recompute::Mode::Full => "scores (RFM, tiers, grid, lifecycle, churn)",
+            };
+            set(pool, id, OperationState::Running, 10, step, "").await?;
+            recompute::run_mode(pool, thresholds, now, mode).await.map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
         }
         set(pool, id, OperationState::Running, 70, "segment membership", "").await?;
         let mut conn = pool.acquire().await?;
-        segments::refresh(&mut conn, now).await.map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+        segments::refresh(&mut conn, now, None).await.map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
         Ok::<_, sqlx::Error>(())
     }
     .await;
@@ -103,14 +125,14 @@ pub async fn run_one(pool: &PgPool, worker: &str, thresholds: &Thresholds) -> Re
     Ok(true)
 }
 
-/// Runs until shutdown: schedules hourly and works off pending operations.
+/// Runs until shutdown: schedules and works off pending operations.
 pub async fn run(pool: PgPool, worker: String, thresholds: Thresholds, shutdown: ShutdownSignal) {
     let mut last_schedule = std::time::Instant::now() - Duration::from_secs(3600);
     loop {
         if last_schedule.elapsed() >= Duration::from_secs(60) {
             last_schedule = std::time::Instant::now();
-            if let Err(e) = schedule_hourly(&pool).await {
-                tracing::warn!(error = %e, "could not schedule the hourly recompute");
+            if let Err(e) = schedule(&pool).await {
+                tracing::warn!(error = %e, "could not schedule the recompute");
             }
         }
         let ran = match run_one(&pool, &worker, &thresholds).await {
@@ -124,6 +146,26 @@ pub async fn run(pool: PgPool, worker: String, thresholds: Thresholds, shutdown:
             break;
         }
         if shutdown.is_triggered() {
+            break;
+        }
+    }
+}
+
+/// Customers the incremental recompute claims per batch.
+pub const INCREMENTAL_BATCH: i64 = 2000;
+
+/// Runs the incremental recompute until shutdown: batch after batch while
+/// customers are dirty, then a pause of `idle`.
+pub async fn run_incremental(pool: PgPool, thresholds: Thresholds, idle: Duration, shutdown: ShutdownSignal) {
+    loop {
+        let busy = match recompute::incremental(&pool, &thresholds, Utc::now(), INCREMENTAL_BATCH).await {
+            Ok(done) => done.is_some(),
+            Err(e) => {
+                tracing::warn!(error = %e, "incremental recompute batch failed");
+                false
+            }
+        };
+        if shutdown.is_triggered() || (!busy && !shutdown.sleep(idle).await) {
             break;
         }
     }

@@ -63,6 +63,36 @@ fn time(t: Option<&prost_types::Timestamp>) -> Option<DateTime<Utc>> {
     crm_kit::consumer::payload_time(t)
 }
 
+/// The month facts are bucketed by: year * 12 + month - 1, in UTC (the
+/// subscript of the month arrays of `customer_facts`, SQL `month_of`).
+pub fn month_of(t: DateTime<Utc>) -> i32 {
+    use chrono::Datelike;
+    t.year() * 12 + t.month0() as i32
+}
+
+/// Marks customers for the incremental recompute (SEG-7).
+pub async fn mark_dirty(tx: &mut PgConnection, customers: &[Uuid]) -> Result<(), sqlx::Error> {
+    sqlx::query("INSERT INTO dirty_customers (customer_id) SELECT * FROM UNNEST($1::uuid[]) ON CONFLICT DO NOTHING")
+        .bind(customers)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+/// Rebuilds these customers' aggregates from their facts (after a merge or
+/// an unmerge moved facts between them) and marks them for recompute.
+async fn rebuild_facts(tx: &mut PgConnection, customers: &[Uuid]) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT rebuild_customer_facts($1)").bind(customers).execute(&mut *tx).await?;
+    mark_dirty(tx, customers).await
+}
+
+/// Rebuilds every customer's aggregates from the stored facts, set-based
+/// (for facts loaded straight into the tables: tests, benchmarks, repairs).
+pub async fn rebuild_all(pool: &sqlx::PgPool) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT rebuild_customer_facts(NULL)").execute(pool).await?;
+    Ok(())
+}
+
 /// Makes sure a customer row exists (facts may arrive before CustomerCreated).
 async fn ensure(tx: &mut PgConnection, customer: Uuid) -> Result<(), sqlx::Error> {
     sqlx::query("INSERT INTO customers (customer_id) VALUES ($1) ON CONFLICT DO NOTHING")
@@ -111,7 +141,7 @@ async fn apply_profile(
     .bind(birthday.map(|d| d.day as i16))
     .execute(&mut *tx)
     .await?;
-    Ok(())
+    mark_dirty(tx, &[customer]).await
 }
 
 /// SEG-5 from feedback's events: complaint tickets open and close; SLA
@@ -129,19 +159,24 @@ async fn feedback(tx: &mut PgConnection, event: &Event, at: Option<DateTime<Utc>
                 .bind(c)
                 .execute(&mut *tx)
                 .await?;
+            mark_dirty(tx, &[c]).await?;
         }
     } else if let Some(e) = event.payload::<fb::TicketResolved>()? {
-        sqlx::query("UPDATE complaint_tickets SET open = false WHERE ticket_id = $1")
-            .bind(id(&e.ticket_id)?)
-            .execute(&mut *tx)
-            .await?;
+        let owner: Vec<Uuid> =
+            sqlx::query_scalar("UPDATE complaint_tickets SET open = false WHERE ticket_id = $1 RETURNING customer_id")
+                .bind(id(&e.ticket_id)?)
+                .fetch_all(&mut *tx)
+                .await?;
+        mark_dirty(tx, &owner).await?;
     } else if let Some(e) = event.payload::<fb::TicketVerified>()? {
         // Not confirmed by the customer: the complaint is open again.
-        sqlx::query("UPDATE complaint_tickets SET open = NOT $2 WHERE ticket_id = $1")
-            .bind(id(&e.ticket_id)?)
-            .bind(e.confirmed)
-            .execute(&mut *tx)
-            .await?;
+        let owner: Vec<Uuid> =
+            sqlx::query_scalar("UPDATE complaint_tickets SET open = NOT $2 WHERE ticket_id = $1 RETURNING customer_id")
+                .bind(id(&e.ticket_id)?)
+                .bind(e.confirmed)
+                .fetch_all(&mut *tx)
+                .await?;
+        mark_dirty(tx, &owner).await?;
     } else if let Some(e) = event.payload::<fb::SlaBreached>()? {
         let c = live(tx, id(&e.customer_id)?).await?;
         bad_experience(tx, c, when).await?;
@@ -163,8 +198,8 @@ async fn bad_experience(tx: &mut PgConnection, customer: Uuid, at: DateTime<Utc>
     .bind(customer)
     .bind(at)
     .execute(&mut *tx)
-    .await
-    .map(|_| ())
+    .await?;
+    mark_dirty(tx, &[customer]).await
 }
 
 impl EventHandler for ReadModel {
@@ -223,9 +258,19 @@ impl EventHandler for ReadModel {
             let amount = t.amount.unwrap_or_default();
             let occurred = time(t.occurred_at.as_ref())
                 .ok_or_else(|| HandlerError::Permanent("transaction without a time".into()))?;
+            // The fact, its month in the customer's aggregates and the dirty
+            // mark in one statement; a redelivered transaction changes nothing.
             sqlx::query(
-                "INSERT INTO transactions (transaction_id, customer_id, kind, amount_minor, currency, occurred_at, category) \
-                 VALUES ($1,$2,$3,$4,$5,$6,$7) ON CONFLICT (transaction_id) DO NOTHING",
+                "WITH ins AS (INSERT INTO transactions (transaction_id, customer_id, kind, amount_minor, currency, occurred_at, category) \
+                   VALUES ($1,$2,$3,$4,$5,$6,$7) ON CONFLICT (transaction_id) DO NOTHING RETURNING customer_id), \
+                 f AS (INSERT INTO customer_facts AS f (customer_id, spend, purchases, first_purchase, last_purchase) \
+                   SELECT customer_id, array_fill($9::bigint, ARRAY[1], ARRAY[$8]), array_fill($10::int, ARRAY[1], ARRAY[$8]), \
+                     CASE WHEN $10 = 1 THEN $6::timestamptz END, CASE WHEN $10 = 1 THEN $6::timestamptz END FROM ins \
+                   ON CONFLICT (customer_id) DO UPDATE SET spend[$8] = COALESCE(f.spend[$8], 0) + $9, \
+                     purchases[$8] = COALESCE(f.purchases[$8], 0) + $10, \
+                     first_purchase = LEAST(f.first_purchase, EXCLUDED.first_purchase), \
+                     last_purchase = GREATEST(f.last_purchase, EXCLUDED.last_purchase)) \
+                 INSERT INTO dirty_customers (customer_id) SELECT customer_id FROM ins ON CONFLICT DO NOTHING",
             )
             .bind(&t.transaction_id)
             .bind(owner)
@@ -234,6 +279,9 @@ impl EventHandler for ReadModel {
             .bind(&amount.currency)
             .bind(occurred)
             .bind(&t.category)
+            .bind(month_of(occurred))
+            .bind(if t.kind == 2 { -amount.amount_minor } else { amount.amount_minor })
+            .bind(i32::from(t.kind == 1))
             .execute(&mut *tx)
             .await?;
         } else if let Some(e) = event.payload::<pb::InteractionRecorded>()? {
@@ -244,8 +292,17 @@ impl EventHandler for ReadModel {
             let occurred = time(x.occurred_at.as_ref())
                 .ok_or_else(|| HandlerError::Permanent("interaction without a time".into()))?;
             sqlx::query(
-                "INSERT INTO interactions (interaction_id, customer_id, kind, channel, direction, occurred_at) \
-                 VALUES ($1,$2,$3,$4,$5,$6) ON CONFLICT (interaction_id) DO NOTHING",
+                "WITH ins AS (INSERT INTO interactions (interaction_id, customer_id, kind, channel, direction, occurred_at) \
+                   VALUES ($1,$2,$3,$4,$5,$6) ON CONFLICT (interaction_id) DO NOTHING RETURNING customer_id), \
+                 f AS (INSERT INTO customer_facts AS f (customer_id, activity, inquiries, last_interaction, last_login, responses, contacts) \
+                   SELECT customer_id, array_fill(1, ARRAY[1], ARRAY[$7]), array_fill($8::int, ARRAY[1], ARRAY[$7]), $6, \
+                     CASE WHEN $3 = 1 THEN $6::timestamptz END, $9::int, $10::int FROM ins \
+                   ON CONFLICT (customer_id) DO UPDATE SET activity[$7] = COALESCE(f.activity[$7], 0) + 1, \
+                     inquiries[$7] = COALESCE(f.inquiries[$7], 0) + $8, \
+                     last_interaction = GREATEST(f.last_interaction, EXCLUDED.last_interaction), \
+                     last_login = GREATEST(f.last_login, EXCLUDED.last_login), \
+                     responses = f.responses + EXCLUDED.responses, contacts = f.contacts + EXCLUDED.contacts) \
+                 INSERT INTO dirty_customers (customer_id) SELECT customer_id FROM ins ON CONFLICT DO NOTHING",
             )
             .bind(&x.interaction_id)
             .bind(owner)
@@ -253,6 +310,10 @@ impl EventHandler for ReadModel {
             .bind(x.channel as i16)
             .bind(x.direction as i16)
             .bind(occurred)
+            .bind(month_of(occurred))
+            .bind(i32::from(x.kind == 3))
+            .bind(i32::from(x.kind == 4))
+            .bind(i32::from(x.direction == 2))
             .execute(&mut *tx)
             .await?;
         } else if let Some(e) = event.payload::<pb::CustomerMerged>()? {
@@ -285,6 +346,7 @@ impl EventHandler for ReadModel {
             .bind(survivor)
             .execute(&mut *tx)
             .await?;
+            rebuild_facts(tx, &[survivor, loser]).await?;
         } else if let Some(e) = event.payload::<pb::CustomerUnmerged>()? {
             let (survivor, restored) = (id(&e.survivor_id)?, id(&e.restored_id)?);
             ensure(tx, restored).await?;
@@ -304,6 +366,7 @@ impl EventHandler for ReadModel {
                 .bind(&e.moved_interaction_ids)
                 .execute(&mut *tx)
                 .await?;
+            rebuild_facts(tx, &[survivor, restored]).await?;
         } else if let Some(e) = event.payload::<pb::ConsentChanged>()? {
             let owner = live(tx, id(&e.customer_id)?).await?;
             crm_kit::db::mirror_consents(tx, owner, &e.grants).await?;
@@ -321,6 +384,7 @@ impl EventHandler for ReadModel {
             .bind(at)
             .execute(&mut *tx)
             .await?;
+            mark_dirty(tx, &ids).await?;
             confirm_erasure(tx, SERVICE, &e.customer_id, &event.envelope.request_id).await?;
         }
         Ok(())
@@ -330,7 +394,11 @@ impl EventHandler for ReadModel {
 /// Empties the read model and the consumer's inbox, so that replaying the
 /// stream from its start rebuilds it (SEG-7 full rebuild).
 pub async fn reset(tx: &mut PgConnection, group: &str) -> Result<(), sqlx::Error> {
-    sqlx::raw_sql("TRUNCATE customers, transactions, interactions, consents, freshness").execute(&mut *tx).await?;
+    sqlx::raw_sql(
+        "TRUNCATE customers, transactions, interactions, consents, freshness, customer_facts, dirty_customers",
+    )
+    .execute(&mut *tx)
+    .await?;
     sqlx::query("DELETE FROM kit_inbox WHERE consumer = $1").bind(group).execute(&mut *tx).await?;
     Ok(())
 }

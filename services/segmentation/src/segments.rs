@@ -110,11 +110,13 @@ pub struct Changes {
 }
 
 /// Re-materialises the membership of every live segment from the current
-/// scores, set-based (one statement per segment); records joins and leaves in
-/// the history and emits SegmentMembershipChanged for each.
+/// scores, set-based (one statement per segment), for every customer or
+/// `only` these (the incremental recompute); records joins and leaves in the
+/// history and emits SegmentMembershipChanged for each.
 pub async fn refresh(
     conn: &mut PgConnection,
     now: chrono::DateTime<chrono::Utc>,
+    only: Option<&[Uuid]>,
 ) -> Result<Vec<(Uuid, Changes)>, crm_kit::ApiError> {
     use prost::Message;
     let segments: Vec<(Uuid, Vec<u8>)> =
@@ -128,29 +130,42 @@ pub async fn refresh(
         // Stored rules were validated on save; $1 and $2 are the segment and the time.
         let compiled = crate::domain::rules::compile(Some(&rule), "rule", 3)
             .map_err(|_| crm_kit::ApiError::internal(format!("stored rule of {segment} no longer compiles")))?;
+        // With `only`, its ids are the parameter after the rule's.
+        let (scope_c, scope_m) = match only {
+            Some(_) => {
+                let n = 3 + compiled.params.len();
+                (format!("AND c.customer_id = ANY (${n})"), format!("AND m.customer_id = ANY (${n})"))
+            }
+            None => (String::new(), String::new()),
+        };
         let sql = format!(
             "WITH cur AS (SELECT c.customer_id FROM customers c JOIN customer_scores s USING (customer_id) \
-                          WHERE c.merged_into IS NULL AND c.erased_at IS NULL AND {}), \
+                          WHERE c.merged_into IS NULL AND c.erased_at IS NULL AND {} {scope_c}), \
              joined AS (INSERT INTO segment_members (segment_id, customer_id, joined_at) \
                         SELECT $1, customer_id, $2 FROM cur ON CONFLICT DO NOTHING RETURNING customer_id), \
-             left_ AS (DELETE FROM segment_members m WHERE m.segment_id = $1 \
+             left_ AS (DELETE FROM segment_members m WHERE m.segment_id = $1 {scope_m} \
                        AND NOT EXISTS (SELECT 1 FROM cur WHERE cur.customer_id = m.customer_id) RETURNING customer_id) \
              SELECT true, customer_id FROM joined UNION ALL SELECT false, customer_id FROM left_",
             compiled.predicate
         );
         let q = sqlx::query_as::<_, (bool, Uuid)>(sqlx::AssertSqlSafe(sql)).bind(segment).bind(now);
-        let q = bind_params!(q, &compiled.params);
+        let mut q = bind_params!(q, &compiled.params);
+        if let Some(ids) = only {
+            q = q.bind(ids);
+        }
         let rows = q.fetch_all(&mut *conn).await?;
         let mut changes = Changes::default();
         for (joined, customer) in rows {
             if joined { changes.joined.push(customer) } else { changes.left.push(customer) }
         }
         if changes.joined.is_empty() && changes.left.is_empty() {
-            sqlx::query("UPDATE segments SET refreshed_at = $2 WHERE segment_id = $1")
-                .bind(segment)
-                .bind(now)
-                .execute(&mut *conn)
-                .await?;
+            if only.is_none() {
+                sqlx::query("UPDATE segments SET refreshed_at = $2 WHERE segment_id = $1")
+                    .bind(segment)
+                    .bind(now)
+                    .execute(&mut *conn)
+                    .await?;
+            }
             continue;
         }
         let (who, flags): (Vec<Uuid>, Vec<bool>) =
@@ -181,11 +196,13 @@ pub async fn refresh(
             })
             .collect();
         crm_kit::outbox::enqueue_many(&mut *conn, crate::SERVICE, "customer", "", &events).await?;
-        sqlx::query("UPDATE segments SET refreshed_at = $2 WHERE segment_id = $1")
-            .bind(segment)
-            .bind(now)
-            .execute(&mut *conn)
-            .await?;
+        if only.is_none() {
+            sqlx::query("UPDATE segments SET refreshed_at = $2 WHERE segment_id = $1")
+                .bind(segment)
+                .bind(now)
+                .execute(&mut *conn)
+                .await?;
+        }
         out.push((segment, changes));
     }
     Ok(out)

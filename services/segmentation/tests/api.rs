@@ -79,6 +79,7 @@ async fn seed(pool: &sqlx::PgPool) -> (String, String) {
         .execute(pool)
         .await
         .expect("freshness");
+    crm_segmentation::read_model::rebuild_all(pool).await.expect("facts");
     (active.into(), lapsed.into())
 }
 

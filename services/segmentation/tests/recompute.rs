@@ -8,7 +8,7 @@ use crm_kit::testing;
 use crm_proto::common::v1::{LifecycleStage, Tier};
 use crm_proto::segmentation::v1 as pb;
 use crm_segmentation::domain::Thresholds;
-use crm_segmentation::recompute;
+use crm_segmentation::{recompute, segments};
 use prost::Message;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -75,6 +75,7 @@ async fn load(pool: &PgPool, customers: usize) -> (HashMap<Uuid, Archetype>, Dat
     .execute(pool)
     .await
     .expect("interactions");
+    crm_segmentation::read_model::rebuild_all(pool).await.expect("facts");
     (archetypes, horizon)
 }
 
@@ -150,7 +151,6 @@ fn cond(field: &str, op: pb::Operator, values: &[&str]) -> pb::RuleNode {
 #[tokio::test]
 async fn seg6_compiled_rules_of_every_kind_run_and_select_the_right_customers() {
     use crm_segmentation::domain::rules;
-    use crm_segmentation::segments;
     let config = testing::config("segmentation").await;
     let pool = crm_kit::db::pg_pool(&config).expect("pool");
     crm_kit::db::migrate(&pool, &config.database_schema, crm_segmentation::SPEC.migrator).await.expect("migrate");
@@ -223,7 +223,7 @@ async fn seg6_compiled_rules_of_every_kind_run_and_select_the_right_customers() 
 
 #[tokio::test]
 async fn seg6_saved_segments_keep_their_membership_and_its_history() {
-    use crm_segmentation::segments::{self, SaveError};
+    use crm_segmentation::segments::SaveError;
     let config = testing::config("segmentation").await;
     let pool = crm_kit::db::pg_pool(&config).expect("pool");
     crm_kit::db::migrate(&pool, &config.database_schema, crm_segmentation::SPEC.migrator).await.expect("migrate");
@@ -248,19 +248,22 @@ async fn seg6_saved_segments_keep_their_membership_and_its_history() {
         other => panic!("invalid segments are refused: {other:?}"),
     }
 
-    let first = segments::refresh(&mut conn, now).await.expect("refresh");
+    let first = segments::refresh(&mut conn, now, None).await.expect("refresh");
     let joined = first.iter().find(|(s, _)| *s == id).map(|(_, c)| c.joined.len()).unwrap_or(0);
     let expected: i64 = sqlx::query_scalar("SELECT count(*) FROM customer_scores WHERE recency_days > 60")
         .fetch_one(&pool)
         .await
         .expect("count");
     assert_eq!(joined as i64, expected);
-    assert!(segments::refresh(&mut conn, now).await.expect("again").is_empty(), "nothing changed, nothing recorded");
+    assert!(
+        segments::refresh(&mut conn, now, None).await.expect("again").is_empty(),
+        "nothing changed, nothing recorded"
+    );
 
     // Two months later more customers have lapsed; recent buyers of the past who bought again would leave.
     let later = now + chrono::Duration::days(61);
     recompute::run(&pool, &Thresholds::default(), later).await.expect("recompute later");
-    let second = segments::refresh(&mut conn, later).await.expect("refresh later");
+    let second = segments::refresh(&mut conn, later, None).await.expect("refresh later");
     let changes = &second.iter().find(|(s, _)| *s == id).expect("changes").1;
     assert!(!changes.joined.is_empty(), "more customers lapsed");
     let members: i64 = sqlx::query_scalar("SELECT count(*) FROM segment_members WHERE segment_id = $1")
@@ -399,4 +402,93 @@ async fn seg5_an_open_complaint_and_a_bad_csat_from_feedback_raise_churn_risk_un
         !churn_rules(&pool, id).await.contains(&"BAD_SERVICE_EXPERIENCE".to_string()),
         "90 days later it has passed"
     );
+}
+
+fn profiles_event<T: prost::Name + Message>(payload: &T, at: DateTime<Utc>) -> crm_kit::consumer::Event {
+    let mut e = feedback_event(payload, at);
+    e.envelope.source = "profiles".into();
+    e.stream = "crm.profiles.events".into();
+    e
+}
+
+/// Runs incremental batches of `size` until no customer is dirty; returns how many it scored.
+async fn drain(pool: &PgPool, now: DateTime<Utc>, size: i64) -> usize {
+    let mut scored = 0;
+    while let Some(s) = recompute::incremental(pool, &Thresholds::default(), now, size).await.expect("batch") {
+        scored += s.customers;
+    }
+    scored
+}
+
+#[tokio::test]
+async fn seg7_events_rescore_their_customers_incrementally_on_two_workers_as_a_full_recompute_would() {
+    use crm_kit::consumer::EventHandler;
+    let config = testing::config("segmentation").await;
+    let pool = crm_kit::db::pg_pool(&config).expect("pool");
+    crm_kit::db::migrate(&pool, &config.database_schema, crm_segmentation::SPEC.migrator).await.expect("migrate");
+    let (_, horizon) = load(&pool, 2000).await;
+    let now = horizon;
+    assert_eq!(drain(&pool, now, 100).await, 0, "before the first full recompute there is no base to rank against");
+    recompute::run(&pool, &Thresholds::default(), now).await.expect("first full recompute");
+    let mut conn = pool.acquire().await.expect("conn");
+    let diamonds = cond("tier", pb::Operator::In, &["TIER_DIAMOND"]);
+    let segment = segments::create(&mut conn, "Diamonds", "", &diamonds).await.expect("segment");
+    segments::refresh(&mut conn, now, None).await.expect("refresh");
+    drop(conn);
+    let moves_before: i64 = sqlx::query_scalar("SELECT count(*) FROM tier_moves").fetch_one(&pool).await.expect("n");
+
+    // 300 customers buy 20 000 CNY each (>= the DIAMOND spend) yesterday.
+    let handler = crm_segmentation::read_model::ReadModel;
+    let mut tx = pool.begin().await.expect("tx");
+    let buyers: Vec<Uuid> = (1..=300u128).map(Uuid::from_u128).collect();
+    for (i, id) in buyers.iter().enumerate() {
+        let purchase = crm_proto::profiles::v1::TransactionRecorded {
+            transaction: Some(crm_proto::profiles::v1::Transaction {
+                transaction_id: format!("big-{i}"),
+                customer_id: id.to_string(),
+                kind: crm_proto::profiles::v1::TransactionKind::Purchase as i32,
+                amount: Some(crm_proto::common::v1::Money { amount_minor: 2_000_000, currency: "CNY".into() }),
+                occurred_at: Some(prost_types::Timestamp {
+                    seconds: (now - chrono::Duration::days(1)).timestamp(),
+                    nanos: 0,
+                }),
+                ..Default::default()
+            }),
+        };
+        handler.handle(&mut tx, &profiles_event(&purchase, now)).await.expect("applied");
+    }
+    tx.commit().await.expect("commit");
+    let dirty: i64 = sqlx::query_scalar("SELECT count(*) FROM dirty_customers").fetch_one(&pool).await.expect("n");
+    assert_eq!(dirty, 300, "each buyer waits for the incremental recompute");
+
+    // Two workers at once claim disjoint batches until none is left.
+    let (a, b) = tokio::join!(drain(&pool, now, 40), drain(&pool, now, 40));
+    assert_eq!(a + b, 300, "every dirty customer scored exactly once ({a} + {b})");
+    let tiers: Vec<i16> = sqlx::query_scalar("SELECT tier FROM customer_scores WHERE customer_id = ANY ($1)")
+        .bind(&buyers)
+        .fetch_all(&pool)
+        .await
+        .expect("tiers");
+    assert!(tiers.iter().all(|t| *t == Tier::Diamond as i16), "every buyer is DIAMOND now: {tiers:?}");
+    let doubles: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT customer_id FROM tier_moves WHERE id > $1 GROUP BY customer_id HAVING count(*) > 1) d",
+    )
+    .bind(moves_before)
+    .fetch_one(&pool)
+    .await
+    .expect("doubles");
+    assert_eq!(doubles, 0, "no duplicate history rows");
+    let members: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM segment_members WHERE segment_id = $1 AND customer_id = ANY ($2)")
+            .bind(segment)
+            .bind(&buyers)
+            .fetch_one(&pool)
+            .await
+            .expect("members");
+    assert_eq!(members, 300, "segment membership follows incrementally");
+
+    // A full recompute now finds nothing to move: the incremental one scored like it.
+    let full = recompute::run(&pool, &Thresholds::default(), now).await.expect("full");
+    assert_eq!((full.tier_moves, full.churn_changes), (0, 0), "{full:?}");
+    assert_eq!(drain(&pool, now, 100).await, 0, "nothing left dirty");
 }

@@ -8,6 +8,9 @@
 //!   the scheduled send time, so queueing in the load tool is not hidden);
 //! - bulk import of generated customers vs PostgreSQL COPY of the same rows.
 //!
+//! segmentation (issue 4): full recompute vs the bare aggregate query;
+//! freshness of the incremental recompute at a steady event rate.
+//!
 //! outreach (issue 5): a campaign through the sink with every policy check on,
 //! two replicas, vs a bare INSERT of the delivery log, and a policy checker.
 //!
@@ -15,12 +18,13 @@
 //! segmentation, and intake open-loop vs a bare INSERT at the same rate.
 //!
 //! Usage: crm-bench [--customers N] [--seconds S] [--reads-only | --import-only]
-//!        crm-bench --outreach N | --recompute N | --consume N | --feedback RATE
+//!        crm-bench --outreach N | --recompute N [--rate R --seconds S] | --consume N | --feedback RATE
 //!        crm-bench --analytics INGEST_CUSTOMERS KPI_CUSTOMERS
 
 mod analytics;
 mod feedback;
 mod outreach;
+mod segmentation;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -323,6 +327,7 @@ async fn main() {
     let mut reads_only = false;
     let mut import_only = false;
     let mut recompute_customers: Option<usize> = None;
+    let mut freshness_rate = 1000u64;
     let mut consume_events: Option<usize> = None;
     let mut outreach_customers: Option<usize> = None;
     let mut feedback_rate: Option<u64> = None;
@@ -335,6 +340,7 @@ async fn main() {
             "--reads-only" => reads_only = true,
             "--import-only" => import_only = true,
             "--recompute" => recompute_customers = args.next().and_then(|v| v.parse().ok()),
+            "--rate" => freshness_rate = args.next().and_then(|v| v.parse().ok()).expect("--rate EVENTS_PER_SECOND"),
             "--consume" => consume_events = args.next().and_then(|v| v.parse().ok()),
             "--outreach" => outreach_customers = args.next().and_then(|v| v.parse().ok()),
             "--feedback" => feedback_rate = args.next().and_then(|v| v.parse().ok()),
@@ -349,7 +355,7 @@ async fn main() {
     }
     let duration = Duration::from_secs(seconds);
     if let Some(n) = recompute_customers {
-        recompute_vs_floor(n).await;
+        segmentation::run(n, freshness_rate, seconds).await;
         return;
     }
     if let Some((ingest, kpi)) = analytics_customers {
@@ -447,118 +453,6 @@ async fn reads(duration: Duration) {
     println!("{}", row("GetCustomer, cached, open loop 5 000/s", &steady, None));
     shutdown.trigger();
     shutdown_nocache.trigger();
-}
-
-/// Issue 4: full recompute of a generated base vs the bare aggregate query
-/// over the same rows (the floor), measured in the same run.
-async fn recompute_vs_floor(customers: usize) {
-    let mut config = crm_kit::testing::config("segmentation").await;
-    config.database_statement_timeout = Duration::ZERO;
-    config.database_max_connections = 4;
-    let pool = crm_kit::db::pg_pool(&config).expect("pool");
-    crm_kit::db::migrate(&pool, &config.database_schema, crm_segmentation::SPEC.migrator).await.expect("migrate");
-    let generator = crm_datagen::Generator::new(crm_datagen::Config { customers, seed: 3, ..Default::default() });
-    let horizon = crm_datagen::Config::default().horizon;
-    let ts = |t: &Option<prost_types::Timestamp>| {
-        t.as_ref().and_then(|t| chrono::DateTime::from_timestamp(t.seconds, 0)).unwrap_or(horizon)
-    };
-    let started = Instant::now();
-    let mut transactions = 0usize;
-    let mut facts = Facts::default();
-    for g in generator {
-        let id = uuid::Uuid::from_u128(g.index as u128 + 1);
-        facts.customers.push(id);
-        facts.registered.push(ts(&g.customer.registered_at));
-        for t in &g.transactions {
-            facts.ids.push(t.transaction_id.clone());
-            facts.owners.push(id);
-            facts.kinds.push(t.kind as i16);
-            facts.amounts.push(t.amount.as_ref().map(|m| m.amount_minor).unwrap_or(0));
-            facts.times.push(ts(&t.occurred_at));
-            transactions += 1;
-        }
-        if facts.ids.len() >= 50_000 {
-            std::mem::take(&mut facts).flush(&pool).await;
-        }
-    }
-    facts.flush(&pool).await;
-    sqlx::raw_sql("ANALYZE customers, transactions").execute(&pool).await.expect("analyze");
-    println!(
-        "# segmentation recompute ({customers} customers, {transactions} transactions, loaded in {:.0} s)\n",
-        started.elapsed().as_secs_f64()
-    );
-
-    let started = Instant::now();
-    let groups: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM (SELECT customer_id, max(occurred_at), count(*), sum(amount_minor) FROM transactions GROUP BY customer_id) s",
-    )
-    .fetch_one(&pool)
-    .await
-    .expect("floor");
-    let floor = started.elapsed().as_secs_f64();
-    let started = Instant::now();
-    let summary = crm_segmentation::recompute::run(&pool, &crm_segmentation::domain::Thresholds::default(), horizon)
-        .await
-        .expect("recompute");
-    let full = started.elapsed().as_secs_f64();
-    println!("| run | seconds | vs floor |");
-    println!("|---|---|---|");
-    println!(
-        "| floor: `SELECT customer_id, max(ts), count(*), sum(amount) ... GROUP BY customer_id` ({groups} groups) | {floor:.1} | baseline |"
-    );
-    let started = Instant::now();
-    let again = crm_segmentation::recompute::run(&pool, &crm_segmentation::domain::Thresholds::default(), horizon)
-        .await
-        .expect("recompute");
-    let steady = started.elapsed().as_secs_f64();
-    println!(
-        "| full recompute, first run ({} customers scored, {} tier moves and events) | {full:.1} | {:.1}x |",
-        summary.customers,
-        summary.tier_moves,
-        full / floor
-    );
-    println!(
-        "| full recompute, second run ({} customers scored, {} tier moves) | {steady:.1} | {:.1}x |",
-        again.customers,
-        again.tier_moves,
-        steady / floor
-    );
-}
-
-#[derive(Default)]
-struct Facts {
-    customers: Vec<uuid::Uuid>,
-    registered: Vec<chrono::DateTime<chrono::Utc>>,
-    ids: Vec<String>,
-    owners: Vec<uuid::Uuid>,
-    kinds: Vec<i16>,
-    amounts: Vec<i64>,
-    times: Vec<chrono::DateTime<chrono::Utc>>,
-}
-
-impl Facts {
-    async fn flush(self, pool: &sqlx::PgPool) {
-        sqlx::query(
-            "INSERT INTO customers (customer_id, registered_at) SELECT * FROM UNNEST($1::uuid[], $2::timestamptz[])",
-        )
-        .bind(&self.customers)
-        .bind(&self.registered)
-        .execute(pool)
-        .await
-        .expect("customers");
-        sqlx::query(
-            "INSERT INTO transactions (transaction_id, customer_id, kind, amount_minor, currency, occurred_at) \
-             SELECT i, c, k, a, 'CNY', t FROM UNNEST($1::text[], $2::uuid[], $3::int2[], $4::int8[], $5::timestamptz[]) AS x(i, c, k, a, t)",
-        )
-        .bind(&self.ids)
-        .bind(&self.owners)
-        .bind(&self.kinds)
-        .bind(&self.amounts)
-        .bind(&self.times)
-        .execute(pool)
-        .await
-        .expect("transactions");
-    }
 }
 
 /// Publishes `events` of profiles to a private stream the way the service

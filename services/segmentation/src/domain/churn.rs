@@ -39,16 +39,22 @@ fn reason(rule: &str, weight: i32, explanation: String) -> ChurnReason {
 pub fn assess(f: &ChurnFacts, t: &Thresholds) -> ChurnRisk {
     let mut reasons = Vec::new();
     if let (Some(days), Some(rate)) = (f.days_since_last_purchase, f.response_rate)
-        && days > 90
-        && rate < 0.30
+        && days > t.churn_no_purchase_days
+        && rate < t.churn_response_rate
     {
         reasons.push(reason(
             "NO_PURCHASE_90D_LOW_RESPONSE",
             30,
-            format!("no purchase for {days} days and response rate {:.0} % (< 30 %)", rate * 100.0),
+            format!(
+                "no purchase for {days} days and response rate {:.0} % (< {:.0} %)",
+                rate * 100.0,
+                t.churn_response_rate * 100.0
+            ),
         ));
     }
-    if f.activity_vs_base < 0.30 && f.days_since_last_interaction.is_none_or(|d| d > 90) {
+    if f.activity_vs_base < t.churn_activity_share
+        && f.days_since_last_interaction.is_none_or(|d| d > t.churn_no_interaction_days)
+    {
         reasons.push(reason(
             "LOW_ACTIVITY_NO_INTERACTION_3M",
             25,
@@ -58,17 +64,23 @@ pub fn assess(f: &ChurnFacts, t: &Thresholds) -> ChurnRisk {
             ),
         ));
     }
-    if f.spend_previous_3m_minor > 0 && f.spend_last_3m_minor * 2 <= f.spend_previous_3m_minor {
+    if f.spend_previous_3m_minor > 0
+        && (f.spend_previous_3m_minor - f.spend_last_3m_minor) as f64
+            >= t.churn_spend_drop * f.spend_previous_3m_minor as f64
+    {
         let drop =
             100.0 * (f.spend_previous_3m_minor - f.spend_last_3m_minor) as f64 / f.spend_previous_3m_minor as f64;
         reasons.push(reason(
             "SPEND_DOWN_50",
             25,
-            format!("spend of the last 3 months down {drop:.0} % against the 3 before (>= 50 %)"),
+            format!(
+                "spend of the last 3 months down {drop:.0} % against the 3 before (>= {:.0} %)",
+                t.churn_spend_drop * 100.0
+            ),
         ));
     }
     if let Some(days) = f.days_without_login
-        && days >= 7
+        && days >= t.churn_no_login_days
     {
         reasons.push(reason("NO_LOGIN_7D", 10, format!("no login for {days} consecutive days")));
     }
@@ -82,7 +94,7 @@ pub fn assess(f: &ChurnFacts, t: &Thresholds) -> ChurnRisk {
     if f.open_complaint {
         reasons.push(reason("UNRESOLVED_COMPLAINT", 20, "an unresolved complaint is open".into()));
     }
-    let silent = f.days_since_last_interaction.is_some_and(|d| d >= 180);
+    let silent = f.days_since_last_interaction.is_some_and(|d| d >= t.churn_silent_days);
     if silent {
         reasons.push(reason(
             "SILENT_6M",

@@ -26,7 +26,7 @@ pub fn stage(f: &LifecycleFacts, t: &Thresholds) -> LifecycleStage {
         LifecycleStage::Sleeping
     } else if first < t.new_days {
         LifecycleStage::New
-    } else if f.spend_trend.is_some_and(|g| g <= -0.30) {
+    } else if f.spend_trend.is_some_and(|g| g <= -t.declining_drop) {
         LifecycleStage::Declining
     } else if first >= t.mature_days {
         LifecycleStage::Mature

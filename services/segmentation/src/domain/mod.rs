@@ -13,8 +13,9 @@ pub mod tiers;
 /// Every configurable threshold, with the SPEC's defaults.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Thresholds {
-    /// SEG-1: RFM window in days (12 months).
-    pub rfm_window_days: i32,
+    /// SEG-1/SEG-2: the spend and purchase window in calendar months, the
+    /// current month included (12).
+    pub rfm_window_months: usize,
     /// SEG-2: DIAMOND = top share by 12-month spend (5 %).
     pub diamond_top_share: f64,
     /// SEG-2: ... or 12-month spend at least this, in CNY fen (10 000 CNY).
@@ -47,6 +48,23 @@ pub struct Thresholds {
     pub mature_days: i32,
     /// SEG-4: churned after this many days without a purchase.
     pub churned_days: i32,
+    /// SEG-4: declining when spend of the last 3 months fell at least this
+    /// share against the 3 before (30 %).
+    pub declining_drop: f64,
+    /// SEG-5: no purchase for more than this many days ...
+    pub churn_no_purchase_days: i32,
+    /// ... and a response rate below this share (30 %).
+    pub churn_response_rate: f64,
+    /// SEG-5: activity below this share of the base average (30 %) ...
+    pub churn_activity_share: f64,
+    /// ... and no interaction for more than this many days (3 months).
+    pub churn_no_interaction_days: i32,
+    /// SEG-5: spend of the last 3 months down at least this share against the 3 before (50 %).
+    pub churn_spend_drop: f64,
+    /// SEG-5: this many consecutive days without a login (7).
+    pub churn_no_login_days: i32,
+    /// SEG-5: this many days without any interaction marks a personal call-back (6 months).
+    pub churn_silent_days: i32,
     /// SEG-5: churn level high from this score.
     pub churn_high: i32,
     /// SEG-5: churn level medium from this score.
@@ -56,7 +74,7 @@ pub struct Thresholds {
 impl Default for Thresholds {
     fn default() -> Self {
         Self {
-            rfm_window_days: 365,
+            rfm_window_months: 12,
             diamond_top_share: 0.05,
             diamond_min_spend_minor: 10_000 * 100,
             gold_top_share: 0.50,
@@ -73,6 +91,14 @@ impl Default for Thresholds {
             active_days: 90,
             mature_days: 730,
             churned_days: 365,
+            declining_drop: 0.30,
+            churn_no_purchase_days: 90,
+            churn_response_rate: 0.30,
+            churn_activity_share: 0.30,
+            churn_no_interaction_days: 90,
+            churn_spend_drop: 0.50,
+            churn_no_login_days: 7,
+            churn_silent_days: 180,
             churn_high: 60,
             churn_medium: 30,
         }

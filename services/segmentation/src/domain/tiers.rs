@@ -15,7 +15,8 @@ pub struct TierFacts {
     pub days_since_last_activity: Option<i32>,
     /// Days since the first purchase; `None` if never bought.
     pub days_since_first_purchase: Option<i32>,
-    /// Spend per calendar month, oldest first, the current month last.
+    /// Spend per complete calendar month, oldest first, the last complete
+    /// month last (a month in progress would look like a decline).
     pub monthly_spend_minor: Vec<i64>,
     /// SEG-3 high potential (able to spend more than they do).
     pub high_potential: bool,
@@ -99,12 +100,15 @@ pub fn base_tier(f: &TierFacts, t: &Thresholds) -> TierDecision {
 /// `promotion_months` consecutive months of growth above `promotion_growth`;
 /// DIAMOND moves down to GOLD only after `demotion_months` consecutive
 /// months of decline above `demotion_decline` (so a diamond is not lost to
-/// one bad quarter). DORMANT always applies.
+/// one bad quarter). DORMANT always applies. A first assessment (no current
+/// tier) applies the move rules to the base tier, so assessing again on the
+/// same facts moves nobody.
 pub fn next_tier(current: Tier, f: &TierFacts, t: &Thresholds) -> TierDecision {
     let base = base_tier(f, t);
     if base.tier == Tier::Dormant {
         return base;
     }
+    let current = if current == Tier::Unspecified { base.tier } else { current };
     let growth = consecutive_growth(&f.monthly_spend_minor, t.promotion_growth);
     let decline = consecutive_decline(&f.monthly_spend_minor, t.demotion_decline);
     match current {
@@ -193,6 +197,17 @@ mod tests {
         let five = &falling[1..];
         let kept = next_tier(Tier::Diamond, &facts(200_000, 0.20, five), &t);
         assert_eq!(kept.tier, Tier::Diamond, "five months are not enough: {}", kept.reason);
+    }
+
+    #[test]
+    fn a_first_assessment_applies_the_move_rules_so_a_second_moves_nobody() {
+        let t = Thresholds::default();
+        let growing = facts(200_000, 0.20, &[10_000, 12_100, 14_700, 17_800]);
+        let first = next_tier(Tier::Unspecified, &growing, &t);
+        assert_eq!(first.tier, Tier::Diamond, "{}", first.reason);
+        assert_eq!(next_tier(first.tier, &growing, &t).tier, Tier::Diamond);
+        let plain = facts(200_000, 0.20, &[]);
+        assert_eq!(next_tier(Tier::Unspecified, &plain, &t).tier, Tier::Gold);
     }
 
     #[test]
