@@ -53,7 +53,7 @@ impl SegmentationApi {
 
     async fn freshness(&self, computed: Option<DateTime<Utc>>) -> Result<Freshness, ApiError> {
         let as_of: Option<DateTime<Utc>> =
-            sqlx::query_scalar("SELECT newest_event_at FROM freshness").fetch_optional(&self.pg).await?;
+            sqlx::query_scalar("SELECT max(newest_event_at) FROM freshness").fetch_one(&self.pg).await?;
         Ok(Freshness { as_of: as_of.map(ts), computed_at: computed.map(ts) })
     }
 

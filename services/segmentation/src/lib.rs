@@ -87,6 +87,11 @@ pub const SEGMENTATION_VARS: &[VarSpec] = &[
         "200",
         "SEG-7: pause of the incremental recompute when no customer is waiting.",
     ),
+    var(
+        "SEGMENTATION_CONSUMERS",
+        "2",
+        "Event batches a replica applies to the read model at once (consumers of the replica's group), 1 to 16.",
+    ),
 ];
 
 /// Segmentation's settings.
@@ -96,6 +101,8 @@ pub struct SegmentationConfig {
     pub thresholds: domain::Thresholds,
     /// `SEGMENTATION_INCREMENTAL_IDLE_MS`.
     pub incremental_idle: std::time::Duration,
+    /// `SEGMENTATION_CONSUMERS`.
+    pub consumers: usize,
 }
 
 impl SegmentationConfig {
@@ -168,7 +175,8 @@ impl SegmentationConfig {
             "must be above SEGMENTATION_CHURN_MEDIUM_SCORE",
         )?;
         let incremental_idle = env.millis("SEGMENTATION_INCREMENTAL_IDLE_MS", 200)?;
-        Ok(Self { thresholds: t, incremental_idle })
+        let consumers = env.bounded("SEGMENTATION_CONSUMERS", 2, 1, 16)? as usize;
+        Ok(Self { thresholds: t, incremental_idle, consumers })
     }
 }
 
@@ -215,7 +223,7 @@ pub fn access_policy() -> AccessPolicy {
 pub async fn run(mut kit: Kit) -> Result<(), KitError> {
     let config = SegmentationConfig::load(&Env::process())?;
     kit.spawn_outbox_relay();
-    kit.spawn_consumer(&["profiles", "feedback"], read_model::ReadModel)?;
+    kit.spawn_consumers(&["profiles", "feedback"], read_model::ReadModel, config.consumers)?;
     let signal = kit.shutdown_signal();
     kit.spawn(jobs::run(kit.pg.clone(), kit.config.consumer_name.clone(), config.thresholds.clone(), signal));
     let signal = kit.shutdown_signal();

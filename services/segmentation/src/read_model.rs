@@ -210,8 +210,8 @@ impl EventHandler for ReadModel {
         }
         if let Some(at) = at {
             sqlx::query(
-                "INSERT INTO freshness (singleton, newest_event_at) VALUES (true, $1) \
-                 ON CONFLICT (singleton) DO UPDATE SET newest_event_at = GREATEST(freshness.newest_event_at, $1)",
+                "INSERT INTO freshness (slot, newest_event_at) VALUES (pg_backend_pid() % 8, $1) \
+                 ON CONFLICT (slot) DO UPDATE SET newest_event_at = GREATEST(freshness.newest_event_at, $1)",
             )
             .bind(at)
             .execute(&mut *tx)

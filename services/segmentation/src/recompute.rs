@@ -223,26 +223,21 @@ struct Input {
     last_login: Option<DateTime<Utc>>,
     responses: i64,
     contacts: i64,
-    spend: Vec<i64>,
-    purchases: Vec<i64>,
-    activity: Vec<i64>,
-    inquiries: Vec<i64>,
+    /// Net spend and purchases in the RFM window (the current month and those before).
+    spend_window: i64,
+    purchases_window: i64,
+    /// Net spend of the last 3 complete months, and of the 3 before.
+    spend_3m: i64,
+    spend_prev_3m: i64,
+    /// Inquiries in the current month and the 2 before.
+    inquiries_recent: i64,
+    /// Interactions in the last 3 complete months.
+    activity_3m: i64,
+    /// Spend per complete month, oldest first (the tier moves).
+    complete: Vec<i64>,
     open_complaint: bool,
     bad_experience: bool,
     stored: Option<Stored>,
-}
-
-impl Input {
-    fn spend_window(&self, w: &Windows) -> i64 {
-        self.spend[w.span - w.window..].iter().sum()
-    }
-    fn purchases_window(&self, w: &Windows) -> i64 {
-        self.purchases[w.span - w.window..].iter().sum()
-    }
-    /// Interactions in the last 3 complete months.
-    fn activity_3m(&self, w: &Windows) -> i64 {
-        self.activity[w.span - 4..w.span - 1].iter().sum()
-    }
 }
 
 /// Which customers a read covers.
@@ -302,7 +297,7 @@ fn aligned<T: Copy + Into<i64>>(from: Option<i32>, values: Option<Vec<Option<T>>
     out
 }
 
-fn parse(row: &sqlx::postgres::PgRow, lo: i32, span: usize) -> Result<Input, sqlx::Error> {
+fn parse(row: &sqlx::postgres::PgRow, lo: i32, w: &Windows) -> Result<Input, sqlx::Error> {
     let old_tier: Option<i16> = row.try_get("old_tier")?;
     let stored = match old_tier {
         Some(tier) => Some(Stored {
@@ -315,6 +310,11 @@ fn parse(row: &sqlx::postgres::PgRow, lo: i32, span: usize) -> Result<Input, sql
         }),
         None => None,
     };
+    let span = w.span;
+    let spend = aligned::<i64>(row.try_get("spend_from")?, row.try_get("spend")?, lo, span);
+    let purchases = aligned::<i32>(row.try_get("purchases_from")?, row.try_get("purchases")?, lo, span);
+    let activity = aligned::<i32>(row.try_get("activity_from")?, row.try_get("activity")?, lo, span);
+    let inquiries = aligned::<i32>(row.try_get("inquiries_from")?, row.try_get("inquiries")?, lo, span);
     Ok(Input {
         id: row.try_get("customer_id")?,
         first_purchase: row.try_get("first_purchase")?,
@@ -323,10 +323,13 @@ fn parse(row: &sqlx::postgres::PgRow, lo: i32, span: usize) -> Result<Input, sql
         last_login: row.try_get("last_login")?,
         responses: row.try_get::<i32, _>("responses")? as i64,
         contacts: row.try_get::<i32, _>("contacts")? as i64,
-        spend: aligned::<i64>(row.try_get("spend_from")?, row.try_get("spend")?, lo, span),
-        purchases: aligned::<i32>(row.try_get("purchases_from")?, row.try_get("purchases")?, lo, span),
-        activity: aligned::<i32>(row.try_get("activity_from")?, row.try_get("activity")?, lo, span),
-        inquiries: aligned::<i32>(row.try_get("inquiries_from")?, row.try_get("inquiries")?, lo, span),
+        spend_window: spend[span - w.window..].iter().sum(),
+        purchases_window: purchases[span - w.window..].iter().sum(),
+        spend_3m: spend[span - 4..span - 1].iter().sum(),
+        spend_prev_3m: spend[span - 7..span - 4].iter().sum(),
+        inquiries_recent: inquiries[span - 3..].iter().sum(),
+        activity_3m: activity[span - 4..span - 1].iter().sum(),
+        complete: spend[span - 1 - w.complete..span - 1].to_vec(),
         open_complaint: row.try_get("open_complaint")?,
         bad_experience: row.try_get("bad_experience")?,
         stored,
@@ -339,6 +342,7 @@ async fn read(
     now: DateTime<Utc>,
     w: &Windows,
     scope: Scope<'_>,
+    expected: usize,
 ) -> Result<Vec<Input>, sqlx::Error> {
     let hi = month_of(now);
     let lo = hi - (w.span as i32 - 1);
@@ -349,9 +353,9 @@ async fn read(
         Scope::Range(from, to) => query.bind(from).bind(to),
     };
     let mut rows = query.fetch(&mut *conn);
-    let mut out = Vec::new();
+    let mut out = Vec::with_capacity(expected);
     while let Some(row) = rows.next().await {
-        out.push(parse(&row?, lo, w.span)?);
+        out.push(parse(&row?, lo, w)?);
     }
     Ok(out)
 }
@@ -364,8 +368,8 @@ fn parts() -> usize {
 
 /// Reads every live customer in `parts()` id ranges at once, on their own
 /// connections (the caller's transaction holds the recompute lock, so no
-/// scorer writes meanwhile).
-async fn read_all(pool: &PgPool, now: DateTime<Utc>, w: &Windows) -> Result<Vec<Input>, sqlx::Error> {
+/// scorer writes meanwhile). Returns the parts, to be scored in parallel.
+async fn read_all(pool: &PgPool, now: DateTime<Utc>, w: &Windows) -> Result<Vec<Vec<Input>>, sqlx::Error> {
     let n = parts();
     let total: i64 = sqlx::query_scalar("SELECT count(*) FROM customers").fetch_one(pool).await?;
     let mut bounds = vec![Uuid::nil()];
@@ -384,41 +388,32 @@ async fn read_all(pool: &PgPool, now: DateTime<Utc>, w: &Windows) -> Result<Vec<
         async move {
             let mut conn = pool.acquire().await?;
             sqlx::query("SET work_mem = '256MB'").execute(&mut *conn).await?;
-            let rows = read(&mut conn, now, &w, Scope::Range(from, to)).await;
+            let rows = read(&mut conn, now, &w, Scope::Range(from, to), total as usize / n + 1).await;
             sqlx::query("RESET work_mem").execute(&mut *conn).await?;
             rows
         }
     });
-    let mut out = Vec::with_capacity(total.max(0) as usize);
+    let mut out = Vec::with_capacity(n + 1);
     for part in futures_util::future::join_all(reads).await {
-        out.extend(part?);
+        out.push(part?);
     }
     // The nil id (never a customer's) is outside every range; read it alone.
-    out.extend(read(&mut *pool.acquire().await?, now, w, Scope::Only(&[Uuid::nil()])).await?);
+    out.push(read(&mut *pool.acquire().await?, now, w, Scope::Only(&[Uuid::nil()]), 0).await?);
     Ok(out)
 }
 
-/// Scores `inputs` in `parts()` threads.
+/// Scores each part on its own thread.
 async fn score_all(
-    inputs: Vec<Input>,
+    parts: Vec<Vec<Input>>,
     cal: std::sync::Arc<Calibration>,
     t: &Thresholds,
-    w: Windows,
     now: DateTime<Utc>,
 ) -> Result<Vec<Scored>, ApiError> {
-    let size = inputs.len().div_ceil(parts()).max(1);
-    let mut inputs = inputs;
-    let mut chunks = Vec::new();
-    while inputs.len() > size {
-        let rest = inputs.split_off(size);
-        chunks.push(std::mem::replace(&mut inputs, rest));
-    }
-    chunks.push(inputs);
-    let tasks: Vec<_> = chunks
+    let tasks: Vec<_> = parts
         .into_iter()
-        .map(|chunk| {
+        .map(|part| {
             let (cal, t) = (cal.clone(), t.clone());
-            tokio::task::spawn_blocking(move || chunk.iter().map(|x| score(x, &cal, &t, &w, now)).collect::<Vec<_>>())
+            tokio::task::spawn_blocking(move || part.iter().map(|x| score(x, &cal, &t, now)).collect::<Vec<_>>())
         })
         .collect();
     let mut out = Vec::new();
@@ -426,6 +421,15 @@ async fn score_all(
         out.extend(task.await.map_err(ApiError::internal)?);
     }
     Ok(out)
+}
+
+/// The distribution of `f` over every part, sorted on a blocking thread.
+fn distribution(
+    parts: &std::sync::Arc<Vec<Vec<Input>>>,
+    f: fn(&Input) -> Option<i64>,
+) -> tokio::task::JoinHandle<Distribution> {
+    let parts = parts.clone();
+    tokio::task::spawn_blocking(move || Distribution::of(parts.iter().flatten().filter_map(f).collect()))
 }
 
 fn days(now: DateTime<Utc>, t: Option<DateTime<Utc>>) -> Option<i32> {
@@ -470,13 +474,9 @@ fn recency_key(t: Option<DateTime<Utc>>) -> i64 {
 }
 
 /// Scores one customer against the base (pure: the SEG rules of [`crate::domain`]).
-fn score(x: &Input, cal: &Calibration, t: &Thresholds, w: &Windows, now: DateTime<Utc>) -> Scored {
-    let spend_window = x.spend_window(w);
-    let purchases_window = x.purchases_window(w);
-    let complete = &x.spend[w.span - 1 - w.complete..w.span - 1];
-    let spend_3m: i64 = x.spend[w.span - 4..w.span - 1].iter().sum();
-    let spend_prev_3m: i64 = x.spend[w.span - 7..w.span - 4].iter().sum();
-    let inquiries: i64 = x.inquiries[w.span - 3..].iter().sum();
+fn score(x: &Input, cal: &Calibration, t: &Thresholds, now: DateTime<Utc>) -> Scored {
+    let (spend_window, purchases_window) = (x.spend_window, x.purchases_window);
+    let (spend_3m, spend_prev_3m, inquiries) = (x.spend_3m, x.spend_prev_3m, x.inquiries_recent);
     let rank_share = if spend_window > 0 { cal.spend.share_above(spend_window) } else { 1.0 };
     let last_activity = match (x.last_purchase, x.last_interaction) {
         (Some(a), Some(b)) => Some(a.max(b)),
@@ -490,7 +490,7 @@ fn score(x: &Input, cal: &Calibration, t: &Thresholds, w: &Windows, now: DateTim
         spend_rank_share: rank_share,
         days_since_last_activity: days(now, last_activity),
         days_since_first_purchase: days(now, x.first_purchase),
-        monthly_spend_minor: complete.to_vec(),
+        monthly_spend_minor: x.complete.clone(),
         high_potential: potential == grid::Band::High,
     };
     let current = x.stored.as_ref().and_then(|s| Tier::try_from(s.tier as i32).ok()).unwrap_or(Tier::Unspecified);
@@ -512,7 +512,7 @@ fn score(x: &Input, cal: &Calibration, t: &Thresholds, w: &Windows, now: DateTim
         Some(s) if s.stage == stage as i16 => s.stage_since,
         _ => now,
     };
-    let activity_vs_base = if cal.activity_mean > 0.0 { x.activity_3m(w) as f64 / cal.activity_mean } else { 0.0 };
+    let activity_vs_base = if cal.activity_mean > 0.0 { x.activity_3m as f64 / cal.activity_mean } else { 0.0 };
     let risk = churn::assess(
         &churn::ChurnFacts {
             days_since_last_purchase: days(now, x.last_purchase),
@@ -561,6 +561,9 @@ fn score(x: &Input, cal: &Calibration, t: &Thresholds, w: &Windows, now: DateTim
         previous_level,
         risk: Some(risk),
     });
+    let changed = x.stored.as_ref().is_none_or(|s| s.digest != digest);
+    // What an unchanged row would write is dropped now: a million of them add up.
+    let (tier_reason, risk) = if changed { (decision.reason, encoded) } else { (String::new(), Vec::new()) };
     Scored {
         id: x.id,
         small,
@@ -568,10 +571,10 @@ fn score(x: &Input, cal: &Calibration, t: &Thresholds, w: &Windows, now: DateTim
         frequency: purchases_window.min(i32::MAX as i64) as i32,
         monetary: spend_window,
         tier_since,
-        tier_reason: decision.reason,
+        tier_reason,
         stage_since,
-        risk: encoded,
-        changed: x.stored.as_ref().is_none_or(|s| s.digest != digest),
+        risk,
+        changed,
         digest,
         moved,
         churn,
@@ -689,7 +692,7 @@ async fn write(
 }
 
 async fn newest_event(conn: &mut PgConnection) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
-    sqlx::query_scalar("SELECT newest_event_at FROM freshness").fetch_optional(&mut *conn).await
+    sqlx::query_scalar("SELECT max(newest_event_at) FROM freshness").fetch_one(&mut *conn).await
 }
 
 /// A full recompute of every live customer as of `now` (re-ranks RFM).
@@ -718,25 +721,35 @@ pub async fn run_mode(
     let as_of = newest_event(&mut tx).await?;
     let previous = Calibration::load(&mut tx).await?;
     let w = Windows::of(thresholds);
-    let inputs = read_all(pool, now, &w).await?;
+    let parts = std::sync::Arc::new(read_all(pool, now, &w).await?);
     let reading = started.elapsed();
-    let activity: i64 = inputs.iter().map(|x| x.activity_3m(&w)).sum();
+    let count: usize = parts.iter().map(Vec::len).sum();
+    let activity: i64 = parts.iter().flatten().map(|x| x.activity_3m).sum();
+    let recency = distribution(&parts, |x| Some(recency_key(x.last_purchase)));
+    let frequency = distribution(&parts, |x| Some(x.purchases_window));
+    let monetary = distribution(&parts, |x| Some(x.spend_window));
     let spend = match previous {
         Some(p) if mode == Mode::Full => (p.spend, p.tiers_at),
-        _ => (Distribution::of(inputs.iter().map(|x| x.spend_window(&w)).filter(|s| *s > 0).collect()), now),
+        _ => (
+            distribution(&parts, |x| (x.spend_window > 0).then_some(x.spend_window))
+                .await
+                .map_err(ApiError::internal)?,
+            now,
+        ),
     };
     let cal = Calibration {
         rfm_at: now,
-        recency: Distribution::of(inputs.iter().map(|x| recency_key(x.last_purchase)).collect()),
-        frequency: Distribution::of(inputs.iter().map(|x| x.purchases_window(&w)).collect()),
-        monetary: Distribution::of(inputs.iter().map(|x| x.spend_window(&w)).collect()),
-        activity_mean: if inputs.is_empty() { 0.0 } else { activity as f64 / inputs.len() as f64 },
+        recency: recency.await.map_err(ApiError::internal)?,
+        frequency: frequency.await.map_err(ApiError::internal)?,
+        monetary: monetary.await.map_err(ApiError::internal)?,
+        activity_mean: if count == 0 { 0.0 } else { activity as f64 / count as f64 },
         as_of,
         tiers_at: spend.1,
         spend: spend.0,
     };
     cal.save(&mut tx).await?;
-    let scored = score_all(inputs, std::sync::Arc::new(cal), thresholds, w, now).await?;
+    let parts = std::sync::Arc::try_unwrap(parts).map_err(|_| ApiError::internal("the inputs are still shared"))?;
+    let scored = score_all(parts, std::sync::Arc::new(cal), thresholds, now).await?;
     let scoring = started.elapsed() - reading;
     let mut summary = write(&mut tx, &scored, now, as_of).await?;
     summary.reading = reading;
@@ -769,6 +782,11 @@ pub async fn incremental(
 ) -> Result<Option<Summary>, ApiError> {
     let mut tx = pool.begin().await?;
     sqlx::query(LOCK_SHARED).execute(&mut *tx).await?;
+    // A batch touches a few thousand customers of maybe millions: index
+    // lookups, whatever the planner guesses about an id list's selectivity.
+    sqlx::raw_sql("SET LOCAL enable_seqscan = off; SET LOCAL max_parallel_workers_per_gather = 0")
+        .execute(&mut *tx)
+        .await?;
     let Some(cal) = Calibration::load(&mut tx).await? else { return Ok(None) };
     let ids: Vec<Uuid> = sqlx::query_scalar(
         "DELETE FROM dirty_customers WHERE customer_id IN \
@@ -782,8 +800,8 @@ pub async fn incremental(
     }
     let as_of = newest_event(&mut tx).await?;
     let w = Windows::of(thresholds);
-    let inputs = read(&mut tx, now, &w, Scope::Only(&ids)).await?;
-    let scored: Vec<Scored> = inputs.iter().map(|x| score(x, &cal, thresholds, &w, now)).collect();
+    let inputs = read(&mut tx, now, &w, Scope::Only(&ids), ids.len()).await?;
+    let scored: Vec<Scored> = inputs.iter().map(|x| score(x, &cal, thresholds, now)).collect();
     let mut summary = write(&mut tx, &scored, now, as_of).await?;
     summary.customers = ids.len();
     crate::segments::refresh(&mut tx, now, Some(&ids)).await?;

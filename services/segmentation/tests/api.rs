@@ -75,7 +75,7 @@ async fn seed(pool: &sqlx::PgPool) -> (String, String) {
     .execute(pool)
     .await
     .expect("transactions");
-    sqlx::query("INSERT INTO freshness (singleton, newest_event_at) VALUES (true, now())")
+    sqlx::query("INSERT INTO freshness (slot, newest_event_at) VALUES (0, now())")
         .execute(pool)
         .await
         .expect("freshness");

@@ -121,7 +121,7 @@ impl World {
              UNION ALL SELECT 't ' || transaction_id || ' ' || customer_id || ' ' || amount_minor FROM transactions \
              UNION ALL SELECT 'i ' || interaction_id || ' ' || customer_id FROM interactions \
              UNION ALL SELECT 'g ' || customer_id || ' ' || channel || ' ' || purpose || ' ' || granted FROM consents \
-             UNION ALL SELECT 'f ' || newest_event_at FROM freshness \
+             UNION ALL SELECT 'f ' || max(newest_event_at) FROM freshness HAVING count(*) > 0 \
              UNION ALL SELECT 'a ' || customer_id || ' ' || spend::text || ' ' || purchases::text || ' ' || \
                     coalesce(first_purchase::text, '-') || ' ' || coalesce(last_purchase::text, '-') || ' ' || activity::text || ' ' || \
                     inquiries::text || ' ' || coalesce(last_interaction::text, '-') || ' ' || coalesce(last_login::text, '-') || ' ' || \

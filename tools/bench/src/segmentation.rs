@@ -152,12 +152,27 @@ pub async fn run(customers: usize, rate: u64, seconds: u64) {
          loaded in {loaded:.0} s, aggregates built from scratch in {built:.0} s)\n"
     );
 
+    // BENCH_SEGMENTATION_FRESHNESS_ONLY=1 (with a reused schema): skip the recompute runs.
+    let freshness_only = reuse.is_some() && std::env::var("BENCH_SEGMENTATION_FRESHNESS_ONLY").is_ok_and(|v| v == "1");
+    if freshness_only {
+        recompute::run_mode(&pool, &Thresholds::default(), horizon, recompute::Mode::Calibration)
+            .await
+            .expect("calibration");
+    } else {
+        recompute_vs_floor(&pool, horizon).await;
+    }
+    if rate > 0 {
+        freshness(&pool, customers, rate, seconds, horizon).await;
+    }
+}
+
+async fn recompute_vs_floor(pool: &sqlx::PgPool, horizon: DateTime<Utc>) {
     let floor = || async {
         let started = Instant::now();
         let groups: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM (SELECT customer_id, max(occurred_at), count(*), sum(amount_minor) FROM transactions GROUP BY customer_id) s",
         )
-        .fetch_one(&pool)
+        .fetch_one(pool)
         .await
         .expect("floor");
         (groups, started.elapsed().as_secs_f64())
@@ -204,9 +219,6 @@ pub async fn run(customers: usize, rate: u64, seconds: u64) {
             secs / floor_s
         );
     }
-    if rate > 0 {
-        freshness(&pool, customers, rate, seconds, horizon).await;
-    }
 }
 
 /// Publishes `rate` TransactionRecorded events a second for `seconds`
@@ -230,23 +242,24 @@ async fn freshness(pool: &sqlx::PgPool, customers: usize, rate: u64, seconds: u6
     )
     .configured(&producer_config, "profiles");
     let mut tasks = vec![tokio::spawn(relay.run(shutdown.signal()))];
-    let settings = crm_kit::consumer::ConsumerSettings {
-        group: crm_kit::testing::unique_name("bench_segmentation"),
-        name: "bench-0".into(),
-        streams: vec![stream.clone()],
-        batch_size: 500,
-        block: Duration::from_millis(100),
-        claim_idle: Duration::from_secs(60),
-    };
-    let consumer = crm_kit::consumer::Consumer::new(
-        pool.clone(),
-        &crm_kit::testing::redis_url(),
-        settings,
-        crm_segmentation::read_model::ReadModel,
-        crm_kit::metrics::Metrics::new("segmentation"),
-    )
-    .expect("consumer");
-    tasks.push(tokio::spawn(consumer.run(shutdown.signal())));
+    // As a replica runs them: SEGMENTATION_CONSUMERS (2) consumers of one
+    // group, with the service's default batch size and block time.
+    let group = crm_kit::testing::unique_name("bench_segmentation");
+    let defaults = crm_kit::testing::config("segmentation").await;
+    for i in 0..2 {
+        let mut settings = crm_kit::consumer::ConsumerSettings::from_config(&defaults, vec![stream.clone()]);
+        settings.group = group.clone();
+        settings.name = format!("bench-{i}");
+        let consumer = crm_kit::consumer::Consumer::new(
+            pool.clone(),
+            &crm_kit::testing::redis_url(),
+            settings,
+            crm_segmentation::read_model::ReadModel,
+            crm_kit::metrics::Metrics::new("segmentation"),
+        )
+        .expect("consumer");
+        tasks.push(tokio::spawn(consumer.run(shutdown.signal())));
+    }
     tasks.push(tokio::spawn(crm_segmentation::jobs::run_incremental(
         pool.clone(),
         Thresholds::default(),
@@ -256,6 +269,7 @@ async fn freshness(pool: &sqlx::PgPool, customers: usize, rate: u64, seconds: u6
 
     let since = Utc::now();
     assert!(since > horizon);
+    let run = crm_kit::testing::unique_name("fresh");
     let total = (rate * seconds) as usize;
     let stride = (customers / total.max(1)).max(1);
     let mut published: HashMap<Uuid, Instant> = HashMap::with_capacity(total);
@@ -272,7 +286,7 @@ async fn freshness(pool: &sqlx::PgPool, customers: usize, rate: u64, seconds: u6
                 .map(|i| {
                     let customer = Uuid::from_u128((i * stride % customers) as u128 + 1);
                     let t = crm_proto::profiles::v1::Transaction {
-                        transaction_id: format!("fresh-{i}"),
+                        transaction_id: format!("{run}-{i}"),
                         customer_id: customer.to_string(),
                         kind: 1,
                         amount: Some(crm_proto::common::v1::Money { amount_minor: 25_000, currency: "CNY".into() }),
