@@ -219,6 +219,25 @@ async fn seg6_compiled_rules_of_every_kind_run_and_select_the_right_customers() 
         let sample = segments::sample(&mut conn, &compiled, 5).await.expect("sample");
         assert_eq!(sample.len() as i64, want.min(5));
     }
+
+    // SQL-looking values are data (SEC-3): they match exactly what holds them, and run nothing.
+    let hostile = "x'); DROP TABLE customers; --";
+    // Tags are kept lower-case (as profiles normalises them).
+    sqlx::query("UPDATE customers SET region = $1, tags = tags || lower($1) WHERE customer_id = $2")
+        .bind(hostile)
+        .bind(Uuid::from_u128(7))
+        .execute(&pool)
+        .await
+        .expect("hostile values");
+    for rule in
+        [cond("region", Eq, &[hostile]), cond("tags", Contains, &[hostile]), cond("attributes.points", Eq, &[hostile])]
+    {
+        let compiled = rules::compile(Some(&rule), "rule", 1).expect("valid rule");
+        let got = segments::sample(&mut conn, &compiled, 5).await.expect("runs as data");
+        let want: Vec<Uuid> = if compiled.predicate.contains("attributes") { vec![] } else { vec![Uuid::from_u128(7)] };
+        assert_eq!(got, want, "{}", compiled.predicate);
+    }
+    assert_eq!(direct("SELECT count(*) FROM customers").await, 2000, "the table is still there");
 }
 
 #[tokio::test]
