@@ -716,8 +716,6 @@ pub async fn run_mode(
     let mut tx = pool.begin().await?;
     // One full recompute at a time across replicas, and no incremental batch meanwhile.
     sqlx::query(LOCK).execute(&mut *tx).await?;
-    // The joins of a million rows fit in memory instead of spilling to disk.
-    sqlx::query("SET LOCAL work_mem = '256MB'").execute(&mut *tx).await?;
     let as_of = newest_event(&mut tx).await?;
     let previous = Calibration::load(&mut tx).await?;
     let w = Windows::of(thresholds);

@@ -158,14 +158,15 @@ pub async fn refresh(
         for (joined, customer) in rows {
             if joined { changes.joined.push(customer) } else { changes.left.push(customer) }
         }
+        // A partial refresh (the incremental recompute) does not make the whole segment fresh.
+        if only.is_none() {
+            sqlx::query("UPDATE segments SET refreshed_at = $2 WHERE segment_id = $1")
+                .bind(segment)
+                .bind(now)
+                .execute(&mut *conn)
+                .await?;
+        }
         if changes.joined.is_empty() && changes.left.is_empty() {
-            if only.is_none() {
-                sqlx::query("UPDATE segments SET refreshed_at = $2 WHERE segment_id = $1")
-                    .bind(segment)
-                    .bind(now)
-                    .execute(&mut *conn)
-                    .await?;
-            }
             continue;
         }
         let (who, flags): (Vec<Uuid>, Vec<bool>) =
@@ -196,13 +197,6 @@ pub async fn refresh(
             })
             .collect();
         crm_kit::outbox::enqueue_many(&mut *conn, crate::SERVICE, "customer", "", &events).await?;
-        if only.is_none() {
-            sqlx::query("UPDATE segments SET refreshed_at = $2 WHERE segment_id = $1")
-                .bind(segment)
-                .bind(now)
-                .execute(&mut *conn)
-                .await?;
-        }
         out.push((segment, changes));
     }
     Ok(out)

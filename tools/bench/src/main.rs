@@ -455,6 +455,29 @@ async fn reads(duration: Duration) {
     shutdown_nocache.trigger();
 }
 
+/// Writes `events` into a producer's outbox, as its service would.
+async fn stage(producer: &sqlx::PgPool, events: &[crm_kit::outbox::Staged]) {
+    let (ids, types, aggregates, envelopes) = crm_kit::outbox::Staged::columns(events);
+    sqlx::query(
+        "INSERT INTO kit_outbox (event_id, event_type, aggregate_id, envelope) \
+         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::bytea[])",
+    )
+    .bind(&ids)
+    .bind(&types)
+    .bind(&aggregates)
+    .bind(&envelopes)
+    .execute(producer)
+    .await
+    .expect("outbox");
+}
+
+/// Deletes a bench's private stream.
+async fn delete_stream(stream: &str) {
+    let client = redis::Client::open(crm_kit::testing::redis_url()).expect("redis");
+    let mut conn = client.get_multiplexed_async_connection().await.expect("redis");
+    let _: () = redis::cmd("DEL").arg(stream).query_async(&mut conn).await.expect("cleanup");
+}
+
 /// Publishes `events` of profiles to a private stream the way the service
 /// would (outbox rows, then the real relay); returns the stream's name.
 async fn publish_to_stream(events: &[crm_kit::outbox::Staged]) -> String {
@@ -466,18 +489,7 @@ async fn publish_to_stream(events: &[crm_kit::outbox::Staged]) -> String {
     let producer = crm_kit::db::pg_pool(&config).expect("pool");
     crm_kit::db::migrate(&producer, &config.database_schema, &NO_MIGRATIONS).await.expect("producer");
     for chunk in events.chunks(5000) {
-        let (ids, types, aggregates, envelopes) = crm_kit::outbox::Staged::columns(chunk);
-        sqlx::query(
-            "INSERT INTO kit_outbox (event_id, event_type, aggregate_id, envelope) \
-             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::bytea[])",
-        )
-        .bind(&ids)
-        .bind(&types)
-        .bind(&aggregates)
-        .bind(&envelopes)
-        .execute(&producer)
-        .await
-        .expect("outbox");
+        stage(&producer, chunk).await;
     }
     let redis = crm_kit::db::Redis::connect(&crm_kit::testing::redis_url(), Duration::from_secs(5)).expect("redis");
     let relay = crm_kit::outbox::OutboxRelay::new(
@@ -541,9 +553,7 @@ async fn consume_all<H: crm_kit::consumer::EventHandler + Clone + 'static>(
         t.await.expect("consumer task");
     }
     let rate = n as f64 / started.elapsed().as_secs_f64();
-    let client = redis::Client::open(crm_kit::testing::redis_url()).expect("redis");
-    let mut conn = client.get_multiplexed_async_connection().await.expect("redis");
-    let _: () = redis::cmd("DEL").arg(stream).query_async(&mut conn).await.expect("cleanup");
+    delete_stream(stream).await;
     rate
 }
 

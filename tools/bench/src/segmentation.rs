@@ -299,18 +299,7 @@ async fn freshness(pool: &sqlx::PgPool, customers: usize, rate: u64, seconds: u6
                     crm_kit::outbox::Staged::new("profiles", aggregate, "", &payload).expect("stage")
                 })
                 .collect();
-            let (ids, types, aggregates, envelopes) = crm_kit::outbox::Staged::columns(&batch);
-            sqlx::query(
-                "INSERT INTO kit_outbox (event_id, event_type, aggregate_id, envelope) \
-                 SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::bytea[])",
-            )
-            .bind(&ids)
-            .bind(&types)
-            .bind(&aggregates)
-            .bind(&envelopes)
-            .execute(&producer)
-            .await
-            .expect("outbox");
+            crate::stage(&producer, &batch).await;
             let now = Instant::now();
             for i in next..next + batch.len() {
                 published.insert(Uuid::from_u128((i * stride % customers) as u128 + 1), now);
@@ -342,9 +331,7 @@ async fn freshness(pool: &sqlx::PgPool, customers: usize, rate: u64, seconds: u6
     for t in tasks {
         let _ = t.await;
     }
-    let client = redis::Client::open(crm_kit::testing::redis_url()).expect("redis");
-    let mut conn = client.get_multiplexed_async_connection().await.expect("redis");
-    let _: () = redis::cmd("DEL").arg(&stream).query_async(&mut conn).await.expect("cleanup");
+    crate::delete_stream(&stream).await;
     seen.sort();
     let pct = |p: f64| seen.get(((seen.len() as f64 * p) as usize).min(seen.len().saturating_sub(1))).copied();
     let ms = |d: Option<Duration>| d.map(|d| format!("{:.0}", d.as_secs_f64() * 1000.0)).unwrap_or("-".into());
