@@ -243,31 +243,36 @@ struct Input {
 /// Which customers a read covers.
 #[derive(Debug, Clone, Copy)]
 enum Scope<'a> {
-    /// These (the incremental recompute): `$4`.
+    /// These (the incremental recompute): `$8`.
     Only(&'a [Uuid]),
-    /// Ids in `($4, $5]` (a part of a full recompute).
+    /// Ids in `($8, $9]` (a part of a full recompute).
     Range(Uuid, Uuid),
 }
 
 /// The rows of the read model a recompute reads: live customers in the
-/// scope. `$1..$2` are the months, `$3` the start of the bad-experience
-/// window. Constant SQL; a range restricts every scan, so the parts of a full
-/// recompute read disjoint slices of each table.
+/// scope. `$1..$2` are the months of the spend array (the current one last),
+/// `$3` the start of the bad-experience window; `$4` the first month of the
+/// RFM window (purchases), `$5..$6` the 3 complete months of activity, `$7`
+/// the first of the 3 months of inquiries: only what the rules add up is
+/// sent, as the slices of the month arrays they add up. Constant SQL; a range
+/// restricts every scan, so the parts of a full recompute read disjoint
+/// slices of each table.
 fn input_sql(scope: &Scope) -> String {
-    let month = |col: &str| format!("greatest(array_lower(f.{col}, 1), $1) AS {col}_from, f.{col}[$1:$2] AS {col}");
     let (c, f, s) = match scope {
         Scope::Only(_) => {
-            ("AND c.customer_id = ANY ($4)", "AND f.customer_id = ANY ($4)", "AND s.customer_id = ANY ($4)")
+            ("AND c.customer_id = ANY ($8)", "AND f.customer_id = ANY ($8)", "AND s.customer_id = ANY ($8)")
         }
         Scope::Range(..) => (
-            "AND c.customer_id > $4 AND c.customer_id <= $5",
-            "AND f.customer_id > $4 AND f.customer_id <= $5",
-            "AND s.customer_id > $4 AND s.customer_id <= $5",
+            "AND c.customer_id > $8 AND c.customer_id <= $9",
+            "AND f.customer_id > $8 AND f.customer_id <= $9",
+            "AND s.customer_id > $8 AND s.customer_id <= $9",
         ),
     };
     format!(
         "SELECT c.customer_id, f.first_purchase, f.last_purchase, f.last_interaction, f.last_login, \
-           COALESCE(f.responses, 0) AS responses, COALESCE(f.contacts, 0) AS contacts, {}, {}, {}, {}, \
+           COALESCE(f.responses, 0) AS responses, COALESCE(f.contacts, 0) AS contacts, \
+           greatest(array_lower(f.spend, 1), $1) AS spend_from, f.spend[$1:$2] AS spend, \
+           f.purchases[$4:$2] AS purchases, f.activity[$5:$6] AS activity, f.inquiries[$7:$2] AS inquiries, \
            s.tier AS old_tier, s.tier_since AS old_tier_since, s.lifecycle_stage AS old_stage, \
            s.lifecycle_since AS old_stage_since, s.churn_level AS old_churn_level, s.digest AS old_digest, \
            ct.customer_id IS NOT NULL AS open_complaint, COALESCE(be.last_at >= $3, false) AS bad_experience \
@@ -275,12 +280,13 @@ fn input_sql(scope: &Scope) -> String {
            LEFT JOIN customer_scores s ON s.customer_id = c.customer_id {s} \
            LEFT JOIN (SELECT DISTINCT customer_id FROM complaint_tickets WHERE open) ct ON ct.customer_id = c.customer_id \
            LEFT JOIN bad_experiences be ON be.customer_id = c.customer_id \
-         WHERE c.merged_into IS NULL AND c.erased_at IS NULL {c}",
-        month("spend"),
-        month("purchases"),
-        month("activity"),
-        month("inquiries"),
+         WHERE c.merged_into IS NULL AND c.erased_at IS NULL {c}"
     )
+}
+
+/// The sum of a month-array slice from SQL (absent months count zero).
+fn total<T: Copy + Into<i64>>(values: Option<Vec<Option<T>>>) -> i64 {
+    values.unwrap_or_default().into_iter().flatten().map(Into::into).sum()
 }
 
 /// A month array from SQL aligned to `span` months starting at `lo`.
@@ -312,9 +318,6 @@ fn parse(row: &sqlx::postgres::PgRow, lo: i32, w: &Windows) -> Result<Input, sql
     };
     let span = w.span;
     let spend = aligned::<i64>(row.try_get("spend_from")?, row.try_get("spend")?, lo, span);
-    let purchases = aligned::<i32>(row.try_get("purchases_from")?, row.try_get("purchases")?, lo, span);
-    let activity = aligned::<i32>(row.try_get("activity_from")?, row.try_get("activity")?, lo, span);
-    let inquiries = aligned::<i32>(row.try_get("inquiries_from")?, row.try_get("inquiries")?, lo, span);
     Ok(Input {
         id: row.try_get("customer_id")?,
         first_purchase: row.try_get("first_purchase")?,
@@ -324,11 +327,11 @@ fn parse(row: &sqlx::postgres::PgRow, lo: i32, w: &Windows) -> Result<Input, sql
         responses: row.try_get::<i32, _>("responses")? as i64,
         contacts: row.try_get::<i32, _>("contacts")? as i64,
         spend_window: spend[span - w.window..].iter().sum(),
-        purchases_window: purchases[span - w.window..].iter().sum(),
+        purchases_window: total::<i32>(row.try_get("purchases")?),
         spend_3m: spend[span - 4..span - 1].iter().sum(),
         spend_prev_3m: spend[span - 7..span - 4].iter().sum(),
-        inquiries_recent: inquiries[span - 3..].iter().sum(),
-        activity_3m: activity[span - 4..span - 1].iter().sum(),
+        inquiries_recent: total::<i32>(row.try_get("inquiries")?),
+        activity_3m: total::<i32>(row.try_get("activity")?),
         complete: spend[span - 1 - w.complete..span - 1].to_vec(),
         open_complaint: row.try_get("open_complaint")?,
         bad_experience: row.try_get("bad_experience")?,
@@ -347,7 +350,14 @@ async fn read(
     let hi = month_of(now);
     let lo = hi - (w.span as i32 - 1);
     let sql = input_sql(&scope);
-    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(lo).bind(hi).bind(now - Duration::days(90));
+    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(lo)
+        .bind(hi)
+        .bind(now - Duration::days(90))
+        .bind(hi - (w.window as i32 - 1))
+        .bind(hi - 3)
+        .bind(hi - 1)
+        .bind(hi - 2);
     query = match scope {
         Scope::Only(ids) => query.bind(ids),
         Scope::Range(from, to) => query.bind(from).bind(to),
@@ -402,7 +412,9 @@ async fn read_all(pool: &PgPool, now: DateTime<Utc>, w: &Windows) -> Result<Vec<
     Ok(out)
 }
 
-/// Scores each part on its own thread.
+/// Scores each part on its own thread; keeps only the customers whose row
+/// changed (the rest write nothing: in an hourly run that is nearly all of
+/// them, and holding a million scored rows to drop them costs memory).
 async fn score_all(
     parts: Vec<Vec<Input>>,
     cal: std::sync::Arc<Calibration>,
@@ -413,7 +425,12 @@ async fn score_all(
         .into_iter()
         .map(|part| {
             let (cal, t) = (cal.clone(), t.clone());
-            tokio::task::spawn_blocking(move || part.iter().map(|x| score(x, &cal, &t, now)).collect::<Vec<_>>())
+            tokio::task::spawn_blocking(move || {
+                part.iter()
+                    .map(|x| score(x, &cal, &t, now))
+                    .filter(|s| s.changed || s.moved.is_some() || s.churn.is_some())
+                    .collect::<Vec<_>>()
+            })
         })
         .collect();
     let mut out = Vec::new();
@@ -750,9 +767,18 @@ pub async fn run_mode(
     let scored = score_all(parts, std::sync::Arc::new(cal), thresholds, now).await?;
     let scoring = started.elapsed() - reading;
     let mut summary = write(&mut tx, &scored, now, as_of).await?;
+    summary.customers = count;
     summary.reading = reading;
     summary.scoring = scoring;
     tx.commit().await?;
+    // A recompute that wrote a good part of the scores (the first one of a
+    // base, a re-calibration that moved many) leaves the planner with
+    // estimates from before: the next recompute's read would hash-join
+    // (spilling to disk) what it should merge-join. Autovacuum would get
+    // there, but maybe only after the next run.
+    if summary.written >= 10_000 && summary.written * 5 >= summary.customers {
+        sqlx::query("ANALYZE customer_scores").execute(pool).await?;
+    }
     tracing::info!(
         ?mode,
         customers = summary.customers,
@@ -856,6 +882,10 @@ mod tests {
         assert_eq!(aligned::<i64>(Some(10), Some(vec![Some(1), None, Some(3)]), 10, 4), vec![1, 0, 3, 0]);
         assert_eq!(aligned::<i64>(Some(12), Some(vec![Some(7)]), 10, 4), vec![0, 0, 7, 0]);
         assert_eq!(aligned::<i64>(None, None, 10, 4), vec![0; 4]);
+        // What the rules only add up arrives as a slice: gaps and absent arrays count zero.
+        assert_eq!(total::<i32>(Some(vec![Some(2), None, Some(3)])), 5);
+        assert_eq!(total::<i32>(Some(vec![])), 0);
+        assert_eq!(total::<i32>(None), 0);
     }
 
     #[test]

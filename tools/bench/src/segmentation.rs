@@ -187,27 +187,32 @@ async fn recompute_vs_floor(pool: &sqlx::PgPool, horizon: DateTime<Utc>) {
             (s, started.elapsed().as_secs_f64())
         }
     };
+    // BENCH_SEGMENTATION_ROUNDS=N: the hourly recompute and the calibration N
+    // times each, a floor after each round (the machine's speed drifts).
+    let rounds: usize =
+        std::env::var("BENCH_SEGMENTATION_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(1).max(1);
     let (_, warm) = floor().await;
-    let (groups, floor_s) = floor().await;
+    let (groups, mut floor_s) = floor().await;
     let (first, first_s) = timed(recompute::Mode::Calibration).await;
-    let (steady, steady_s) = timed(recompute::Mode::Full).await;
-    let (calibration, calibration_s) = timed(recompute::Mode::Calibration).await;
-    let (_, floor_again) = floor().await;
-    let floor_s = floor_s.min(floor_again);
+    let mut runs = vec![(
+        "first recompute ever (calibrates; writes every row, every first tier and churn level as events)",
+        first,
+        first_s,
+    )];
+    for _ in 0..rounds {
+        let (steady, steady_s) = timed(recompute::Mode::Full).await;
+        runs.push(("hourly full recompute (re-ranks RFM; nothing changed)", steady, steady_s));
+        let (calibration, calibration_s) = timed(recompute::Mode::Calibration).await;
+        runs.push(("monthly calibration (re-draws every cut point; nothing changed)", calibration, calibration_s));
+        floor_s = floor_s.min(floor().await.1);
+    }
     println!("| run | seconds | vs floor |");
     println!("|---|---|---|");
     println!(
-        "| floor: `SELECT customer_id, max(ts), count(*), sum(amount) ... GROUP BY customer_id` ({groups} groups; best of 2, first cold run {warm:.2}) | {floor_s:.2} | baseline |"
+        "| floor: `SELECT customer_id, max(ts), count(*), sum(amount) ... GROUP BY customer_id` ({groups} groups; best of {}, first cold run {warm:.2}) | {floor_s:.2} | baseline |",
+        rounds + 1
     );
-    for (name, s, secs) in [
-        (
-            "first recompute ever (calibrates; writes every row, every first tier and churn level as events)",
-            &first,
-            first_s,
-        ),
-        ("hourly full recompute (re-ranks RFM; nothing changed)", &steady, steady_s),
-        ("monthly calibration (re-draws every cut point; nothing changed)", &calibration, calibration_s),
-    ] {
+    for (name, s, secs) in runs {
         println!(
             "| {name}: {} scored, {} rows written, {} tier moves, {} churn changes (read {:.2} s, scored {:.2} s) | {secs:.2} | {:.1}x |",
             s.customers,
