@@ -598,7 +598,8 @@ fn score(x: &Input, cal: &Calibration, t: &Thresholds, now: DateTime<Utc>) -> Sc
     }
 }
 
-/// Writes the changed rows, the tier moves and the events.
+/// Writes the changed rows, the tier moves and the events (the caller counts
+/// the customers it scored: `scored` may hold only the changed ones).
 async fn write(
     conn: &mut PgConnection,
     scored: &[Scored],
@@ -699,13 +700,7 @@ async fn write(
     for chunk in churn.chunks(BATCH) {
         outbox::enqueue_many(&mut *conn, SERVICE, "customer", "", chunk).await?;
     }
-    Ok(Summary {
-        customers: scored.len(),
-        written: changed.len(),
-        tier_moves: moves.len(),
-        churn_changes: churn.len(),
-        ..Default::default()
-    })
+    Ok(Summary { written: changed.len(), tier_moves: moves.len(), churn_changes: churn.len(), ..Default::default() })
 }
 
 async fn newest_event(conn: &mut PgConnection) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
