@@ -279,3 +279,70 @@ async fn the_read_model_follows_profiles_events_and_a_replay_rebuilds_it_exactly
             .expect("dirty");
     assert_eq!(dirty, 2, "both customers wait for the incremental recompute");
 }
+
+fn profiles_event<T: prost::Name + prost::Message>(payload: &T) -> crm_kit::consumer::Event {
+    crm_kit::consumer::Event {
+        envelope: crm_proto::common::v1::EventEnvelope {
+            event_id: uuid::Uuid::now_v7().to_string(),
+            event_type: T::full_name(),
+            source: "profiles".into(),
+            occurred_at: ts(1_750_000_000),
+            payload: Some(prost_types::Any::from_msg(payload).expect("pack")),
+            ..Default::default()
+        },
+        stream: "crm.profiles.events".into(),
+        stream_id: "0-1".into(),
+    }
+}
+
+/// Two consumers at once (as two replicas run them): one applies a purchase
+/// of the loser while the other applies the merge. Whichever transaction
+/// starts first, the purchase ends with the survivor, in its transactions and
+/// in its monthly aggregates.
+#[tokio::test]
+async fn seg_read_model_a_fact_applied_during_a_merge_of_its_customer_ends_with_the_survivor() {
+    use crm_kit::consumer::EventHandler;
+    let w = World::new().await;
+    let merge = pb::CustomerMerged { survivor_id: A.into(), loser_id: B.into(), merge_id: "m1".into() };
+    for (case, fact_first) in [("fact first", true), ("merge first", false)] {
+        sqlx::raw_sql("TRUNCATE customers, transactions, customer_facts, dirty_customers CASCADE")
+            .execute(&w.reader)
+            .await
+            .expect("reset");
+        // Both customers known before the race, as they are when profiles merges them.
+        sqlx::query("INSERT INTO customers (customer_id) VALUES ($1::uuid), ($2::uuid)")
+            .bind(A)
+            .bind(B)
+            .execute(&w.reader)
+            .await
+            .expect("customers");
+        let fact = profiles_event(&purchase(&format!("t-{case}"), B, 900, 1_750_000_100));
+        let (first, second) = if fact_first { (fact, profiles_event(&merge)) } else { (profiles_event(&merge), fact) };
+        // The first event's transaction stays open while the second starts.
+        let mut open = w.reader.begin().await.expect("tx");
+        ReadModel.handle(&mut open, &first).await.expect("first applied");
+        let reader = w.reader.clone();
+        let other = tokio::spawn(async move {
+            let mut tx = reader.begin().await.expect("tx");
+            ReadModel.handle(&mut tx, &second).await.expect("second applied");
+            tx.commit().await.expect("second committed");
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!other.is_finished(), "{case}: the second event waits for the first's customer rows");
+        open.commit().await.expect("first committed");
+        other.await.expect("second task");
+
+        assert_eq!(w.owner_of(&format!("t-{case}")).await, A, "{case}: the purchase belongs to the survivor");
+        let spend: Vec<(uuid::Uuid, i64)> = sqlx::query_as(
+            "SELECT customer_id, coalesce((SELECT sum(s) FROM unnest(spend) s), 0)::int8 FROM customer_facts \
+             WHERE customer_id IN ($1::uuid, $2::uuid) ORDER BY 2 DESC",
+        )
+        .bind(A)
+        .bind(B)
+        .fetch_all(&w.reader)
+        .await
+        .expect("facts");
+        assert_eq!(spend.first().map(|r| (r.0.to_string(), r.1)), Some((A.to_string(), 900)), "{case}: {spend:?}");
+        assert!(spend.iter().skip(1).all(|r| r.1 == 0), "{case}: nothing stays with the loser: {spend:?}");
+    }
+}
