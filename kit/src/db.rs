@@ -84,12 +84,49 @@ pub async fn live_customer(conn: &mut sqlx::PgConnection, id: uuid::Uuid) -> Res
 /// For read models of profiles' events: the live customer `id` stands for,
 /// creating an empty `customers` row first for an id not seen yet (facts
 /// may arrive before CustomerCreated).
+///
+/// The row returned stays locked (FOR SHARE) until the transaction ends, and
+/// a read model's merge or unmerge locks both of its rows FOR UPDATE first
+/// ([`lock_customers`]). So a fact applied by one consumer while another
+/// applies a merge of its customer lands either wholly before the merge
+/// (which then moves it to the survivor) or wholly after it (and follows the
+/// merge here). Without the lock, a fact committed during the merge stayed
+/// with the merged-away id. Chains longer than 32 merges are not followed
+/// further.
 pub async fn live_or_new_customer(conn: &mut sqlx::PgConnection, id: uuid::Uuid) -> Result<uuid::Uuid, sqlx::Error> {
     sqlx::query("INSERT INTO customers (customer_id) VALUES ($1) ON CONFLICT DO NOTHING")
         .bind(id)
         .execute(&mut *conn)
         .await?;
-    Ok(live_customer(conn, id).await?.unwrap_or(id))
+    let mut live = id;
+    for _ in 0..32 {
+        let next: Option<uuid::Uuid> =
+            sqlx::query_scalar("SELECT merged_into FROM customers WHERE customer_id = $1 FOR SHARE")
+                .bind(live)
+                .fetch_optional(&mut *conn)
+                .await?
+                .flatten();
+        match next {
+            Some(n) => live = n,
+            None => break,
+        }
+    }
+    Ok(live)
+}
+
+/// For read models of profiles' events: the `customers` rows of a merge or
+/// unmerge, created if unseen and locked FOR UPDATE in id order until the
+/// transaction ends (see [`live_or_new_customer`]).
+pub async fn lock_customers(conn: &mut sqlx::PgConnection, ids: &[uuid::Uuid]) -> Result<(), sqlx::Error> {
+    sqlx::query("INSERT INTO customers (customer_id) SELECT DISTINCT unnest($1::uuid[]) ON CONFLICT DO NOTHING")
+        .bind(ids)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("SELECT customer_id FROM customers WHERE customer_id = ANY($1) ORDER BY customer_id FOR UPDATE")
+        .bind(ids)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
 }
 
 /// PRF-7 across services: applies a ConsentChanged's grants to the service's

@@ -35,7 +35,9 @@ fn time(t: Option<&prost_types::Timestamp>) -> Option<DateTime<Utc>> {
     crm_kit::consumer::payload_time(t)
 }
 
-/// The customer an id stands for now (creating an empty row for one not seen yet).
+/// The customer an id stands for now (creating an empty row for one not seen
+/// yet); its row stays locked until the event is applied, so a concurrent
+/// merge of it cannot leave this fact behind.
 async fn live(tx: &mut PgConnection, customer: Uuid) -> Result<Uuid, sqlx::Error> {
     crm_kit::db::live_or_new_customer(tx, customer).await
 }
@@ -129,8 +131,8 @@ impl ReadModel {
             crm_kit::db::mirror_consents(tx, owner, &e.grants).await?;
         } else if let Some(e) = event.payload::<profiles::CustomerMerged>()? {
             let (survivor, loser) = (id(&e.survivor_id)?, id(&e.loser_id)?);
-            live(tx, survivor).await?;
-            live(tx, loser).await?;
+            // Facts of either customer applied meanwhile land wholly before or after (see `live`).
+            crm_kit::db::lock_customers(tx, &[survivor, loser]).await?;
             sqlx::query(
                 "UPDATE customers s SET spend_minor = s.spend_minor + l.spend_minor, \
                  first_purchase_at = LEAST(s.first_purchase_at, l.first_purchase_at), \
@@ -164,7 +166,7 @@ impl ReadModel {
             .await?;
         } else if let Some(e) = event.payload::<profiles::CustomerUnmerged>()? {
             let restored = id(&e.restored_id)?;
-            live(tx, restored).await?;
+            crm_kit::db::lock_customers(tx, &[id(&e.survivor_id)?, restored]).await?;
             sqlx::query("UPDATE customers SET merged_into = NULL WHERE customer_id = $1")
                 .bind(restored)
                 .execute(&mut *tx)

@@ -102,42 +102,11 @@ async fn ensure(tx: &mut PgConnection, customer: Uuid) -> Result<(), sqlx::Error
     Ok(())
 }
 
-/// The customer an id stands for now: itself, or the survivor of its merges.
-///
-/// Its row stays locked (FOR SHARE) until the event's transaction ends, and a
-/// merge or unmerge locks both of its rows FOR UPDATE first ([`lock_pair`]).
-/// So a fact recorded by one consumer while another applies a merge of its
-/// customer lands either wholly before the merge (which then moves it to the
-/// survivor) or wholly after it (following the merge here); without the
-/// lock, a fact committed during the merge stayed with the merged-away id.
+/// The customer an id stands for now: itself, or the survivor of its merges;
+/// its row stays locked until the event is applied, so a concurrent merge of
+/// it cannot leave this fact behind (see `crm_kit::db::live_or_new_customer`).
 async fn live(tx: &mut PgConnection, customer: Uuid) -> Result<Uuid, sqlx::Error> {
-    ensure(tx, customer).await?;
-    let mut id = customer;
-    // As `crm_kit::db::live_customer`: chains longer than 32 merges are not followed further.
-    for _ in 0..32 {
-        let next: Option<Uuid> =
-            sqlx::query_scalar("SELECT merged_into FROM customers WHERE customer_id = $1 FOR SHARE")
-                .bind(id)
-                .fetch_optional(&mut *tx)
-                .await?
-                .flatten();
-        match next {
-            Some(n) => id = n,
-            None => break,
-        }
-    }
-    Ok(id)
-}
-
-/// A merge's or unmerge's two customer rows, locked in id order (see [`live`]).
-async fn lock_pair(tx: &mut PgConnection, a: Uuid, b: Uuid) -> Result<(), sqlx::Error> {
-    ensure(tx, a).await?;
-    ensure(tx, b).await?;
-    sqlx::query("SELECT customer_id FROM customers WHERE customer_id = ANY($1) ORDER BY customer_id FOR UPDATE")
-        .bind([a, b].as_slice())
-        .execute(&mut *tx)
-        .await?;
-    Ok(())
+    crm_kit::db::live_or_new_customer(tx, customer).await
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -351,7 +320,7 @@ impl EventHandler for ReadModel {
             .await?;
         } else if let Some(e) = event.payload::<pb::CustomerMerged>()? {
             let (survivor, loser) = (id(&e.survivor_id)?, id(&e.loser_id)?);
-            lock_pair(tx, survivor, loser).await?;
+            crm_kit::db::lock_customers(tx, &[survivor, loser]).await?;
             sqlx::query("UPDATE customers SET merged_into = $2 WHERE customer_id = $1")
                 .bind(loser)
                 .bind(survivor)
@@ -381,7 +350,7 @@ impl EventHandler for ReadModel {
             rebuild_facts(tx, &[survivor, loser]).await?;
         } else if let Some(e) = event.payload::<pb::CustomerUnmerged>()? {
             let (survivor, restored) = (id(&e.survivor_id)?, id(&e.restored_id)?);
-            lock_pair(tx, survivor, restored).await?;
+            crm_kit::db::lock_customers(tx, &[survivor, restored]).await?;
             sqlx::query("UPDATE customers SET merged_into = NULL WHERE customer_id = $1")
                 .bind(restored)
                 .execute(&mut *tx)
