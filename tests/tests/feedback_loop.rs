@@ -102,13 +102,23 @@ async fn intake_checks_profiles_and_acknowledges_through_outreach_in_one_trace()
 
     // One trace across the three services: feedback's request, its call to
     // profiles, and outreach's handling of the acknowledgement.
-    wait_for("spans of all three services in the trace", async || receiver.services_in(trace_id).len() == 3).await;
-    let names: Vec<String> = receiver.spans().into_iter().filter(|s| s.trace_id == trace_id).map(|s| s.name).collect();
-    for rpc in [
+    // Each service exports its spans in its own batches: another span of a
+    // service can arrive before the one asked for, so wait for the RPCs.
+    let rpcs = [
         "crm.feedback.v1.FeedbackService/SubmitFeedback",
         "crm.profiles.v1.ProfilesService/GetCustomer",
         "crm.outreach.v1.OutreachService/AcknowledgeFeedback",
-    ] {
+    ];
+    let traced =
+        || -> Vec<String> { receiver.spans().into_iter().filter(|s| s.trace_id == trace_id).map(|s| s.name).collect() };
+    wait_for("the three services' RPCs in the trace", async || {
+        let names = traced();
+        rpcs.iter().all(|rpc| names.iter().any(|n| n == rpc))
+    })
+    .await;
+    assert_eq!(receiver.services_in(trace_id).len(), 3, "spans of all three services in the trace");
+    let names = traced();
+    for rpc in rpcs {
         assert!(names.iter().any(|n| n == rpc), "{rpc} missing from the trace: {names:?}");
     }
 
