@@ -92,7 +92,8 @@ pub async fn live_customer(conn: &mut sqlx::PgConnection, id: uuid::Uuid) -> Res
 /// (which then moves it to the survivor) or wholly after it (and follows the
 /// merge here). Without the lock, a fact committed during the merge stayed
 /// with the merged-away id. Chains longer than 32 merges are not followed
-/// further.
+/// further. (One row at a time, not [`live_customer`]'s recursive query:
+/// PostgreSQL cannot lock rows of a recursive CTE.)
 pub async fn live_or_new_customer(conn: &mut sqlx::PgConnection, id: uuid::Uuid) -> Result<uuid::Uuid, sqlx::Error> {
     sqlx::query("INSERT INTO customers (customer_id) VALUES ($1) ON CONFLICT DO NOTHING")
         .bind(id)

@@ -174,3 +174,44 @@ pub fn bad_fields(status: &tonic::Status) -> Vec<String> {
         .map(|b| b.field_violations.iter().map(|f| f.field.clone()).collect())
         .unwrap_or_default()
 }
+
+/// An event of `source` carrying `payload`, as a consumer hands it to its
+/// handler (fresh event id, occurred at `occurred_at` seconds).
+pub fn event<T: prost::Name + prost::Message>(source: &str, payload: &T, occurred_at: i64) -> crate::consumer::Event {
+    crate::consumer::Event {
+        envelope: crm_proto::common::v1::EventEnvelope {
+            event_id: uuid::Uuid::now_v7().to_string(),
+            event_type: T::full_name(),
+            source: source.into(),
+            occurred_at: Some(prost_types::Timestamp { seconds: occurred_at, nanos: 0 }),
+            payload: Some(prost_types::Any::from_msg(payload).expect("pack")),
+            ..Default::default()
+        },
+        stream: format!("crm.{source}.events"),
+        stream_id: "1-0".into(),
+    }
+}
+
+/// Two consumers at once, as two replicas run them: applies `first` in a
+/// transaction left open, then `second` in another one; asserts that the
+/// second waits for the first (`case` names the run), then commits both.
+pub async fn apply_concurrently<H: crate::consumer::EventHandler + Clone>(
+    pool: &sqlx::PgPool,
+    handler: H,
+    first: &crate::consumer::Event,
+    second: crate::consumer::Event,
+    case: &str,
+) {
+    let mut open = pool.begin().await.expect("tx");
+    handler.handle(&mut open, first).await.expect("first applied");
+    let (pool2, handler2) = (pool.clone(), handler.clone());
+    let other = tokio::spawn(async move {
+        let mut tx = pool2.begin().await.expect("tx");
+        handler2.handle(&mut tx, &second).await.expect("second applied");
+        tx.commit().await.expect("second committed");
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!other.is_finished(), "{case}: the second event waits for the first's customer rows");
+    open.commit().await.expect("first committed");
+    other.await.expect("second task");
+}

@@ -280,28 +280,12 @@ async fn the_read_model_follows_profiles_events_and_a_replay_rebuilds_it_exactly
     assert_eq!(dirty, 2, "both customers wait for the incremental recompute");
 }
 
-fn profiles_event<T: prost::Name + prost::Message>(payload: &T) -> crm_kit::consumer::Event {
-    crm_kit::consumer::Event {
-        envelope: crm_proto::common::v1::EventEnvelope {
-            event_id: uuid::Uuid::now_v7().to_string(),
-            event_type: T::full_name(),
-            source: "profiles".into(),
-            occurred_at: ts(1_750_000_000),
-            payload: Some(prost_types::Any::from_msg(payload).expect("pack")),
-            ..Default::default()
-        },
-        stream: "crm.profiles.events".into(),
-        stream_id: "0-1".into(),
-    }
-}
-
 /// Two consumers at once (as two replicas run them): one applies a purchase
 /// of the loser while the other applies the merge. Whichever transaction
 /// starts first, the purchase ends with the survivor, in its transactions and
 /// in its monthly aggregates.
 #[tokio::test]
 async fn seg_read_model_a_fact_applied_during_a_merge_of_its_customer_ends_with_the_survivor() {
-    use crm_kit::consumer::EventHandler;
     let w = World::new().await;
     let merge = pb::CustomerMerged { survivor_id: A.into(), loser_id: B.into(), merge_id: "m1".into() };
     for (case, fact_first) in [("fact first", true), ("merge first", false)] {
@@ -316,21 +300,10 @@ async fn seg_read_model_a_fact_applied_during_a_merge_of_its_customer_ends_with_
             .execute(&w.reader)
             .await
             .expect("customers");
-        let fact = profiles_event(&purchase(&format!("t-{case}"), B, 900, 1_750_000_100));
-        let (first, second) = if fact_first { (fact, profiles_event(&merge)) } else { (profiles_event(&merge), fact) };
-        // The first event's transaction stays open while the second starts.
-        let mut open = w.reader.begin().await.expect("tx");
-        ReadModel.handle(&mut open, &first).await.expect("first applied");
-        let reader = w.reader.clone();
-        let other = tokio::spawn(async move {
-            let mut tx = reader.begin().await.expect("tx");
-            ReadModel.handle(&mut tx, &second).await.expect("second applied");
-            tx.commit().await.expect("second committed");
-        });
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        assert!(!other.is_finished(), "{case}: the second event waits for the first's customer rows");
-        open.commit().await.expect("first committed");
-        other.await.expect("second task");
+        let fact = testing::event("profiles", &purchase(&format!("t-{case}"), B, 900, 1_750_000_100), 1_750_000_000);
+        let merged = testing::event("profiles", &merge, 1_750_000_000);
+        let (first, second) = if fact_first { (fact, merged) } else { (merged, fact) };
+        testing::apply_concurrently(&w.reader, ReadModel, &first, second, case).await;
 
         assert_eq!(w.owner_of(&format!("t-{case}")).await, A, "{case}: the purchase belongs to the survivor");
         let spend: Vec<(uuid::Uuid, i64)> = sqlx::query_as(

@@ -437,18 +437,20 @@ async fn reads(duration: Duration) {
     }
 
     let redis = redis::Client::open(crm_kit::testing::redis_url()).expect("redis");
-    let redis_conn = redis.get_multiplexed_async_connection().await.expect("redis");
     let keys: Arc<Vec<String>> = Arc::new(ids.iter().map(|id| format!("crm:profiles:customer:{id}")).collect());
-    let redis_get = {
-        let keys = keys.clone();
-        move |_w: usize, i: usize| {
-            let mut conn = redis_conn.clone();
+    // A bare GET over `conns`, worker `w` on connection `w % conns.len()`.
+    let bare_get = |conns: Vec<redis::aio::MultiplexedConnection>| {
+        let (conns, keys) = (Arc::new(conns), keys.clone());
+        move |w: usize, i: usize| {
+            let mut conn = conns[w % conns.len()].clone();
             let key = keys[i % keys.len()].clone();
             async move {
                 redis::cmd("GET").arg(key).query_async::<Option<Vec<u8>>>(&mut conn).await.is_ok_and(|v| v.is_some())
             }
         }
     };
+    // One connection: the 64 workers' GETs share its pipeline.
+    let redis_get = bare_get(vec![redis.get_multiplexed_async_connection().await.expect("redis")]);
     let baseline = closed_loop(64, duration, redis_get.clone()).await;
     // The same 64 workers with a connection each, as `redis-benchmark -c 64`
     // runs them: every GET waits for its reply, none shares a pipeline.
@@ -456,18 +458,7 @@ async fn reads(duration: Duration) {
     for _ in 0..64 {
         own.push(redis.get_multiplexed_async_connection().await.expect("redis"));
     }
-    let own = Arc::new(own);
-    let per_connection = {
-        let keys = keys.clone();
-        closed_loop(64, duration, move |w, i| {
-            let mut conn = own[w % own.len()].clone();
-            let key = keys[i % keys.len()].clone();
-            async move {
-                redis::cmd("GET").arg(key).query_async::<Option<Vec<u8>>>(&mut conn).await.is_ok_and(|v| v.is_some())
-            }
-        })
-        .await
-    };
+    let per_connection = closed_loop(64, duration, bare_get(own)).await;
     let (c2, i2) = (cached.clone(), ids.clone());
     let hot = closed_loop(64, duration, move |w, i| get(&c2, &i2, w, i)).await;
     let (c3, i3) = (uncached.clone(), ids_nocache.clone());
