@@ -811,6 +811,19 @@ pub async fn lock_identities_bulk(conn: &mut PgConnection) -> Result<(), sqlx::E
     Ok(())
 }
 
+/// Locks customer rows for update, in the order given (callers sort the ids
+/// so that two writers lock in the same order).
+pub async fn lock_rows(conn: &mut PgConnection, ids: &[Uuid]) -> Result<(), sqlx::Error> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query("SELECT 1 FROM customers WHERE customer_id = ANY($1) ORDER BY customer_id FOR UPDATE")
+        .bind(ids)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
 /// Existing holders of phones, e-mails and external ids: `(key, customer id)`
 /// with keys `phone:<e164>`, `email:<address>`, `ext:<source>:<id>`, resolved to live records.
 pub async fn holders(
@@ -844,8 +857,9 @@ pub async fn holders(
     // Prefer live holders; resolve aliases (rare) one by one.
     found.sort_by_key(|(_, _, merged)| merged.is_some());
     let mut out: Vec<(String, Uuid)> = Vec::with_capacity(found.len());
+    let mut seen = std::collections::HashSet::with_capacity(found.len());
     for (key, id, merged) in found {
-        if out.iter().any(|(k, _)| *k == key) {
+        if !seen.insert(key.clone()) {
             continue;
         }
         let live = match merged {
