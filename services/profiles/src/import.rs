@@ -15,8 +15,9 @@
 //! Two chunks overlap only when they have no identity key in common and the
 //! later one holds customers alone, so neither can miss a customer the other
 //! creates; customers both match by different keys are locked in id order.
-//! The lock is let go after four chunks, so that single creates and updates
-//! (which take it shared) wait for about two chunks' time at most.
+//! The lock is let go after every two chunks, so that single creates and
+//! updates (which take it shared) wait about one chunk's time: 156 ms at the
+//! median and 224 ms at most in a 1 M-customer import (BENCHMARKS.md).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Weak};
@@ -36,14 +37,14 @@ use crate::domain::customer::identity_keys;
 use crate::domain::{customer as rules, records};
 use crate::store;
 
-/// Rows per chunk: 2 500 ran at 48-50 % of COPY against 45 % for 5 000
-/// with the lock held about as long (BENCHMARKS.md).
+/// Rows per chunk: 2 500 two at a time ran at 49 % of COPY against 45 %
+/// for 5 000, with the lock held about as long.
 const CHUNK: usize = 2500;
 const MAX_REJECTIONS: usize = 10_000;
 /// Chunks written side by side (each on its own connection).
 const PARALLEL_CHUNKS: usize = 2;
 /// Chunks written under one hold of the identity lock.
-const GATE_WINDOW: usize = 4;
+const GATE_WINDOW: usize = 2;
 
 #[derive(Default)]
 struct Tally {
@@ -164,7 +165,7 @@ impl ProfilesApi {
         let mut running: VecDeque<Running> = VecDeque::new();
         // The identity lock of the chunks running now, and how many have been
         // written under it: after GATE_WINDOW chunks it is let go, so that
-        // single creates wait for a couple of chunks at most.
+        // single creates wait for about one chunk.
         let mut gate: Weak<Gate> = Weak::new();
         let mut under_gate = 0usize;
         loop {

@@ -261,6 +261,47 @@ fn csv_field(s: &str) -> String {
     if s.contains([',', '"', '\n']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_string() }
 }
 
+/// Single creates, one every 50 ms until `stop` is set (or `count` are done):
+/// what a create waits while an import holds the identity lock, and without.
+async fn paced_creates(
+    mut client: Client,
+    tag: &'static str,
+    count: Option<usize>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> (Vec<u64>, usize) {
+    let mut latencies = Vec::new();
+    let mut errors = 0;
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    for i in 0.. {
+        if count.is_some_and(|n| i >= n) || stop.load(std::sync::atomic::Ordering::Relaxed) {
+            break;
+        }
+        tick.tick().await;
+        let customer = pb::Customer {
+            name: format!("Create {tag} {i}"),
+            phone: format!("+86 137 {:08}", if tag == "alone" { i } else { 50_000_000 + i }),
+            region: "CN-SH".into(),
+            ..Default::default()
+        };
+        let started = Instant::now();
+        let ok = client
+            .create_customer(pb::CreateCustomerRequest {
+                customer: Some(customer),
+                request_id: format!("bench-{tag}-{i}"),
+            })
+            .await
+            .is_ok();
+        latencies.push(started.elapsed().as_micros() as u64);
+        errors += usize::from(!ok);
+    }
+    (latencies, errors)
+}
+
+fn max_ms(latencies: &[u64]) -> f64 {
+    latencies.iter().copied().max().unwrap_or(0) as f64 / 1000.0
+}
+
 async fn import_vs_copy(customers: usize) -> (f64, f64) {
     let (url, shutdown, pool) = start_profiles(true).await;
     let mut client = clients(&url, 1).remove(0);
@@ -316,9 +357,31 @@ async fn import_vs_copy(customers: usize) -> (f64, f64) {
             customer_ref: None,
         })
         .collect();
+    let never = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (alone, alone_errors) = paced_creates(clients(&url, 1).remove(0), "alone", Some(100), never).await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let during = tokio::spawn(paced_creates(clients(&url, 1).remove(0), "during", None, stop.clone()));
     let started = Instant::now();
     let response = client.import_records(tokio_stream::iter(rows)).await.expect("import").into_inner();
-    let import_rate = response.customers_created as f64 / started.elapsed().as_secs_f64();
+    let elapsed = started.elapsed().as_secs_f64();
+    let import_rate = response.customers_created as f64 / elapsed;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (during, during_errors) = during.await.expect("creates");
+    let creates = [("alone (baseline)", alone, alone_errors), ("during the import", during, during_errors)];
+    println!("\n## CreateCustomer every 50 ms, alone and while the import runs\n");
+    println!("| run | creates | p50 ms | p99 ms | max ms | errors |");
+    println!("|---|---|---|---|---|---|");
+    for (name, latencies, errors) in creates {
+        let max = max_ms(&latencies);
+        let s = Stats::from(latencies, errors, elapsed);
+        println!(
+            "| CreateCustomer {name} | {} | {:.2} | {:.2} | {max:.2} | {} |",
+            s.ops,
+            s.p50_us as f64 / 1000.0,
+            s.p99_us as f64 / 1000.0,
+            s.errors
+        );
+    }
     assert_eq!(
         response.customers_created as usize,
         customers,
