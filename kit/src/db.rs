@@ -123,6 +123,16 @@ pub async fn lock_customers(conn: &mut sqlx::PgConnection, ids: &[uuid::Uuid]) -
         .bind(ids)
         .execute(&mut *conn)
         .await?;
+    lock_customer_rows(conn, ids).await
+}
+
+/// Locks the rows of the service's `customers` table with these ids FOR
+/// UPDATE until the transaction ends, in id order, so that two writers
+/// locking overlapping sets wait for each other instead of deadlocking.
+pub async fn lock_customer_rows(conn: &mut sqlx::PgConnection, ids: &[uuid::Uuid]) -> Result<(), sqlx::Error> {
+    if ids.is_empty() {
+        return Ok(());
+    }
     sqlx::query("SELECT customer_id FROM customers WHERE customer_id = ANY($1) ORDER BY customer_id FOR UPDATE")
         .bind(ids)
         .execute(&mut *conn)

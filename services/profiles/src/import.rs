@@ -178,7 +178,7 @@ impl ProfilesApi {
                 index += 1;
             }
             if chunk.len() >= CHUNK || (done && !chunk.is_empty()) {
-                let prepared = Prepared::new(std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK)));
+                let mut prepared = Prepared::new(std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK)));
                 if !prepared.may_overlap(&running) || under_gate >= GATE_WINDOW {
                     settle_all(&mut running, &mut total).await?;
                 }
@@ -205,7 +205,7 @@ impl ProfilesApi {
                     }
                 };
                 under_gate += usize::from(lock.is_some());
-                let keys = prepared.keys.clone();
+                let keys = std::mem::take(&mut prepared.keys);
                 let api = self.clone();
                 let task = tokio::spawn(async move {
                     let result = api.write_chunk(tx, prepared).await;
@@ -240,12 +240,13 @@ impl ProfilesApi {
         let mut owner_of: HashMap<String, Uuid> =
             store::holders(&mut tx, &phones, &emails, &exts).await?.into_iter().collect();
         let mut new_rows: Vec<(Uuid, pb::Customer)> = Vec::new();
+        let mut new_ids: HashSet<Uuid> = HashSet::new();
         let mut enriched = Vec::new();
         for (_, c) in customers {
             let keys = identity_keys(&c);
             let existing = keys.iter().find_map(|k| owner_of.get(k).copied());
             match existing {
-                Some(id) if new_rows.iter().any(|(n, _)| *n == id) => {
+                Some(id) if new_ids.contains(&id) => {
                     // Matches a row created earlier in this chunk.
                     tally.response.customers_matched += 1;
                 }
@@ -255,6 +256,7 @@ impl ProfilesApi {
                 }
                 None => {
                     let id = Uuid::now_v7();
+                    new_ids.insert(id);
                     for k in keys {
                         owner_of.insert(k, id);
                     }
@@ -268,7 +270,7 @@ impl ProfilesApi {
         let mut matched: Vec<Uuid> = enriched.iter().map(|(id, _)| *id).collect();
         matched.sort_unstable();
         matched.dedup();
-        store::lock_rows(&mut tx, &matched).await?;
+        crm_kit::db::lock_customer_rows(&mut tx, &matched).await?;
         for (id, c) in &enriched {
             self.enrich(&mut tx, *id, c, now, "").await?;
         }
@@ -417,17 +419,21 @@ impl ProfilesApi {
             })
             .collect();
         outbox::enqueue_many(&mut tx, SERVICE, "customer", "", &int_events).await?;
+        // The matched customers' versions as committed (their rows stay locked
+        // until then), for the cache invalidation after the commit (PRF-9).
+        let versions: Vec<(Uuid, i64)> = if matched.is_empty() {
+            Vec::new()
+        } else {
+            sqlx::query_as("SELECT customer_id, version FROM customers WHERE customer_id = ANY($1)")
+                .bind(&matched)
+                .fetch_all(&mut *tx)
+                .await?
+        };
         tx.commit().await?;
         // Report rejections in stream order (chunks are settled in order).
         tally.response.rejections.sort_by_key(|r| r.index);
-        for id in matched {
-            if let Ok(v) = sqlx::query_scalar::<_, i64>("SELECT version FROM customers WHERE customer_id = $1")
-                .bind(id)
-                .fetch_one(&self.pg)
-                .await
-            {
-                self.cache.invalidate(id, v).await;
-            }
+        for (id, v) in versions {
+            self.cache.invalidate(id, v).await;
         }
         Ok(tally)
     }

@@ -811,19 +811,6 @@ pub async fn lock_identities_bulk(conn: &mut PgConnection) -> Result<(), sqlx::E
     Ok(())
 }
 
-/// Locks customer rows for update, in the order given (callers sort the ids
-/// so that two writers lock in the same order).
-pub async fn lock_rows(conn: &mut PgConnection, ids: &[Uuid]) -> Result<(), sqlx::Error> {
-    if ids.is_empty() {
-        return Ok(());
-    }
-    sqlx::query("SELECT 1 FROM customers WHERE customer_id = ANY($1) ORDER BY customer_id FOR UPDATE")
-        .bind(ids)
-        .execute(&mut *conn)
-        .await?;
-    Ok(())
-}
-
 /// Existing holders of phones, e-mails and external ids: `(key, customer id)`
 /// with keys `phone:<e164>`, `email:<address>`, `ext:<source>:<id>`, resolved to live records.
 pub async fn holders(

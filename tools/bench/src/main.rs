@@ -266,6 +266,7 @@ fn csv_field(s: &str) -> String {
 async fn paced_creates(
     mut client: Client,
     tag: &'static str,
+    first_phone: usize,
     count: Option<usize>,
     stop: Arc<std::sync::atomic::AtomicBool>,
 ) -> (Vec<u64>, usize) {
@@ -280,7 +281,7 @@ async fn paced_creates(
         tick.tick().await;
         let customer = pb::Customer {
             name: format!("Create {tag} {i}"),
-            phone: format!("+86 137 {:08}", if tag == "alone" { i } else { 50_000_000 + i }),
+            phone: format!("+86 137 {:08}", first_phone + i),
             region: "CN-SH".into(),
             ..Default::default()
         };
@@ -358,9 +359,9 @@ async fn import_vs_copy(customers: usize) -> (f64, f64) {
         })
         .collect();
     let never = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (alone, alone_errors) = paced_creates(clients(&url, 1).remove(0), "alone", Some(100), never).await;
+    let (alone, alone_errors) = paced_creates(clients(&url, 1).remove(0), "alone", 0, Some(100), never).await;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let during = tokio::spawn(paced_creates(clients(&url, 1).remove(0), "during", None, stop.clone()));
+    let during = tokio::spawn(paced_creates(clients(&url, 1).remove(0), "during", 50_000_000, None, stop.clone()));
     let started = Instant::now();
     let response = client.import_records(tokio_stream::iter(rows)).await.expect("import").into_inner();
     let elapsed = started.elapsed().as_secs_f64();
