@@ -133,16 +133,14 @@ impl Prepared {
 /// identity key in common may then be written side by side, while single
 /// creates and updates of identities (which take the lock shared) wait.
 /// Each writing chunk holds a reference, so a cancelled import still keeps
-/// the lock until its last open chunk has committed or rolled back. (The
-/// mutex only lets tasks share the transaction; nobody locks it to use it.)
-struct Gate(std::sync::Mutex<Option<Transaction<'static, Postgres>>>);
+/// the lock until its last open chunk has committed or rolled back.
+struct Gate(Transaction<'static, Postgres>);
 
 impl Gate {
     /// Releases the lock if `gate` is the last reference to it.
     async fn release(gate: Arc<Gate>) -> Result<(), sqlx::Error> {
-        let tx = Arc::into_inner(gate).and_then(|g| g.0.into_inner().unwrap_or_else(|e| e.into_inner()));
-        match tx {
-            Some(tx) => tx.commit().await,
+        match Arc::into_inner(gate) {
+            Some(g) => g.0.commit().await,
             None => Ok(()),
         }
     }
@@ -197,7 +195,7 @@ impl ProfilesApi {
                         None => {
                             let mut gate_tx = self.pg.begin().await?;
                             store::lock_identities_bulk(&mut gate_tx).await?;
-                            let g = Arc::new(Gate(std::sync::Mutex::new(Some(gate_tx))));
+                            let g = Arc::new(Gate(gate_tx));
                             gate = Arc::downgrade(&g);
                             under_gate = 0;
                             Some(g)
