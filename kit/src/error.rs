@@ -152,6 +152,26 @@ impl ApiError {
         Self::Internal(message.to_string())
     }
 
+    /// The same error with `context` put before its message, for a caller
+    /// that knows where the error happened (e.g. which row of an import).
+    /// Field violations and NOT_FOUND keep theirs; for INTERNAL the context
+    /// goes to the logged detail, as the detail does.
+    pub fn context(self, context: impl fmt::Display) -> Self {
+        let with = |m: String| format!("{context}: {m}");
+        match self {
+            Self::InvalidArgument(_) | Self::NotFound { .. } => self,
+            Self::AlreadyExists(m) => Self::AlreadyExists(with(m)),
+            Self::FailedPrecondition { reason, message } => Self::FailedPrecondition { reason, message: with(message) },
+            Self::Aborted(m) => Self::Aborted(with(m)),
+            Self::Unauthenticated(m) => Self::Unauthenticated(with(m)),
+            Self::PermissionDenied(m) => Self::PermissionDenied(with(m)),
+            Self::ResourceExhausted(m) => Self::ResourceExhausted(with(m)),
+            Self::Unavailable(m) => Self::Unavailable(with(m)),
+            Self::DeadlineExceeded(m) => Self::DeadlineExceeded(with(m)),
+            Self::Internal(m) => Self::Internal(with(m)),
+        }
+    }
+
     /// The gRPC code.
     pub fn code(&self) -> Code {
         match self {
@@ -285,6 +305,19 @@ mod tests {
         let status = ApiError::internal("secret table xyz broke").into_status("profiles");
         assert_eq!(status.code(), Code::Internal);
         assert!(!status.message().contains("xyz"));
+    }
+
+    #[test]
+    fn context_goes_before_the_message_and_keeps_the_code() {
+        let e = ApiError::Unavailable("database unavailable".into()).context("import stopped at row 5");
+        let status = e.into_status("profiles");
+        assert_eq!(status.code(), Code::Unavailable);
+        assert_eq!(status.message(), "import stopped at row 5: database unavailable");
+        let internal = ApiError::internal("boom").context("row 5");
+        assert!(matches!(&internal, ApiError::Internal(d) if d == "row 5: boom"));
+        assert!(!internal.into_status("profiles").message().contains("row 5"), "INTERNAL keeps its detail to the log");
+        let invalid = ApiError::invalid("customer.phone", "bad").context("row 5");
+        assert_eq!(invalid.to_string(), "invalid request: customer.phone: bad");
     }
 
     #[test]

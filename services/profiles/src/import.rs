@@ -7,7 +7,9 @@
 //! or by external id, duplicates skipped by id). Every rejected row is
 //! reported with its index, field and reason (the first 10 000), and
 //! re-running an import is safe: customers match, transactions and
-//! interactions deduplicate by id.
+//! interactions deduplicate by id. A chunk that fails ends the import with
+//! its error, prefixed with the row it stopped at: every row before that
+//! chunk was imported, and a chunk written beside it may have been too.
 //!
 //! Customers are resolved under the exclusive identity lock (PRF-3), held in
 //! a transaction of its own (the [`Gate`]) while up to two chunks are written
@@ -150,6 +152,8 @@ impl Gate {
 struct Running {
     task: tokio::task::JoinHandle<Result<Tally, ApiError>>,
     keys: HashSet<String>,
+    /// Stream index of the chunk's first row.
+    first: i64,
 }
 
 impl ProfilesApi {
@@ -176,6 +180,7 @@ impl ProfilesApi {
                 index += 1;
             }
             if chunk.len() >= CHUNK || (done && !chunk.is_empty()) {
+                let first = chunk.first().map_or(index, |(i, _)| *i);
                 let mut prepared = Prepared::new(std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK)));
                 if !prepared.may_overlap(&running) || under_gate >= GATE_WINDOW {
                     settle_all(&mut running, &mut total).await?;
@@ -212,7 +217,7 @@ impl ProfilesApi {
                     }
                     result
                 });
-                running.push_back(Running { task, keys });
+                running.push_back(Running { task, keys, first });
             }
             if done {
                 break;
@@ -440,7 +445,16 @@ impl ProfilesApi {
 /// Waits for the oldest running chunk and adds up its counts.
 async fn settle_oldest(running: &mut VecDeque<Running>, total: &mut Tally) -> Result<(), ApiError> {
     if let Some(r) = running.pop_front() {
-        total.add(r.task.await.map_err(|e| ApiError::internal(format!("import task: {e}")))??);
+        let tally = r.task.await.map_err(|e| ApiError::internal(format!("import task: {e}")))?.map_err(|e| {
+            // The chunks before this one have committed; this one rolled back;
+            // a chunk written beside it may still commit.
+            e.context(format!(
+                "import stopped at row {}: the rows before it were imported, of the rest some may \
+                 have been; re-running the import is safe",
+                r.first
+            ))
+        })?;
+        total.add(tally);
     }
     Ok(())
 }

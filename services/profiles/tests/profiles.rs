@@ -1442,3 +1442,34 @@ async fn prf3_a_cancelled_import_lets_go_of_the_identity_lock() {
     .expect("a create after a cancelled import does not wait for ever");
     assert!(!after.customer_id.is_empty());
 }
+
+#[tokio::test]
+async fn prf4_a_failing_chunk_ends_the_import_naming_the_row_it_stopped_at_and_a_rerun_completes_it() {
+    // A database failure in the second chunk (rows 2 500 to 4 999): the
+    // first chunk stays imported, the error says where the import stopped,
+    // and once the cause is gone the same import completes it.
+    let app = common::start().await;
+    for statement in [
+        "CREATE FUNCTION poison() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+         IF NEW.name = 'Poison Row' THEN RAISE EXCEPTION 'poisoned' USING ERRCODE = '57014'; END IF; \
+         RETURN NEW; END $$",
+        "CREATE TRIGGER poison BEFORE INSERT ON customers FOR EACH ROW EXECUTE FUNCTION poison()",
+    ] {
+        sqlx::raw_sql(statement).execute(&app.pool).await.expect("poison trigger");
+    }
+    let mut rows = filler("a", 2500);
+    rows.extend(filler("b", 100));
+    rows.push(customer_row(person("Poison Row", "", "poison@example.com")));
+    rows.extend(filler("c", 2399));
+    rows.extend(filler("d", 2500));
+    let mut admin = app.admin();
+    let status = admin.import_records(tokio_stream::iter(rows.clone())).await.expect_err("the second chunk fails");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(status.message().starts_with("import stopped at row 2500: "), "{}", status.message());
+    assert_eq!(app.count("customers").await, 2500, "the first chunk is imported, nothing after it");
+
+    sqlx::raw_sql("DROP TRIGGER poison ON customers").execute(&app.pool).await.expect("drop trigger");
+    let response = admin.import_records(tokio_stream::iter(rows)).await.expect("rerun").into_inner();
+    assert_eq!((response.customers_created, response.customers_matched, response.rejected), (5000, 2500, 0));
+    assert_eq!(app.count("customers").await, 7500);
+}
