@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = tonic_prost_build::Config::new();
     config.enable_type_names();
     tonic_prost_build::configure()
+        .codec_path("crm_proto::codec::Codec")
         .file_descriptor_set_path(std::path::PathBuf::from(std::env::var("OUT_DIR")?).join("kittest_descriptor.bin"))
         .compile_with_config(config, &["tests/proto/probe.proto"], &["tests/proto"])?;
     Ok(())

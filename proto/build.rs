@@ -26,10 +26,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.enable_type_names();
     // Deterministic encoding of maps: idempotency fingerprints hash requests.
     config.btree_map(["."]);
-    tonic_prost_build::configure().file_descriptor_set_path(out_dir.join("crm_descriptor.bin")).compile_with_config(
-        config,
-        PROTOS,
-        &[".", include.as_str()],
-    )?;
+    // Undecodable requests are INVALID_ARGUMENT, not INTERNAL (src/codec.rs).
+    tonic_prost_build::configure()
+        .codec_path("crate::codec::Codec")
+        .file_descriptor_set_path(out_dir.join("crm_descriptor.bin"))
+        .compile_with_config(config, PROTOS, &[".", include.as_str()])?;
     Ok(())
 }

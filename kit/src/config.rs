@@ -114,6 +114,11 @@ pub const KIT_VARS: &[VarSpec] = &[
         "Requests handled at once by one replica; beyond it requests are shed at once with RESOURCE_EXHAUSTED (REL-4).",
     ),
     var(
+        "MAX_MESSAGE_BYTES",
+        "4194304",
+        "Largest request message accepted (1024..67108864); a larger one is refused with RESOURCE_EXHAUSTED before it is read (REL-5).",
+    ),
+    var(
         "SHUTDOWN_DRAIN_DELAY_MS",
         "2000",
         "After SIGTERM: time health reports NOT_SERVING while still accepting, so load balancers stop routing here.",
@@ -154,6 +159,12 @@ pub const KIT_VARS: &[VarSpec] = &[
         "48",
         "How long a `request_id` and its first result are kept (SPEC 3: at least 24 h).",
     ),
+    var(
+        "INBOX_RETENTION_HOURS",
+        "168",
+        "How long consumers remember applied event ids; keep it longer than any event can be redelivered (REL-3).",
+    ),
+    var("RETENTION_INTERVAL_SECONDS", "600", "How often expired idempotency keys and inbox entries are purged."),
     var("TOKIO_WORKER_THREADS", "<CPUs available>", "Async worker threads; size it to the pod's CPU limit."),
 ];
 
@@ -376,6 +387,8 @@ pub struct KitConfig {
     pub request_timeout: Duration,
     /// Concurrent requests before shedding.
     pub max_concurrent_requests: usize,
+    /// Largest request message accepted.
+    pub max_message_bytes: usize,
     /// NOT_SERVING-but-accepting time after SIGTERM.
     pub shutdown_drain_delay: Duration,
     /// Time in-flight requests get to finish.
@@ -402,6 +415,10 @@ pub struct KitConfig {
     pub consumer_name: String,
     /// Idempotency key retention.
     pub idempotency_retention: Duration,
+    /// Inbox entry retention.
+    pub inbox_retention: Duration,
+    /// Period of the retention job.
+    pub retention_interval: Duration,
     /// Tokio worker threads.
     pub worker_threads: usize,
 }
@@ -461,6 +478,7 @@ impl KitConfig {
             auth: load_auth(env)?,
             request_timeout: env.millis("REQUEST_TIMEOUT_MS", 10_000)?,
             max_concurrent_requests: env.bounded("MAX_CONCURRENT_REQUESTS", 512, 1, 1_000_000)? as usize,
+            max_message_bytes: env.bounded("MAX_MESSAGE_BYTES", 4 * 1024 * 1024, 1024, 64 * 1024 * 1024)? as usize,
             shutdown_drain_delay: env.millis("SHUTDOWN_DRAIN_DELAY_MS", 2000)?,
             shutdown_grace: Duration::from_secs(env.bounded("SHUTDOWN_GRACE_SECONDS", 25, 0, 3600)?),
             health_check_interval: env.millis("HEALTH_CHECK_INTERVAL_MS", 2000)?,
@@ -482,6 +500,8 @@ impl KitConfig {
             idempotency_retention: Duration::from_secs(
                 3600 * env.bounded("IDEMPOTENCY_RETENTION_HOURS", 48, 24, 24 * 365)?,
             ),
+            inbox_retention: Duration::from_secs(3600 * env.bounded("INBOX_RETENTION_HOURS", 168, 1, 24 * 365)?),
+            retention_interval: Duration::from_secs(env.bounded("RETENTION_INTERVAL_SECONDS", 600, 1, 86_400)?),
             worker_threads: env.bounded("TOKIO_WORKER_THREADS", default_workers as u64, 1, 1024)? as usize,
         })
     }

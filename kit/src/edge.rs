@@ -12,7 +12,13 @@
 //! 5. The deadline is the smaller of `REQUEST_TIMEOUT_MS` and the client's
 //!    `grpc-timeout`; past it the client gets DEADLINE_EXCEEDED.
 //! 6. The gRPC status is read from the response headers or trailers when the
-//!    response ends, and counted with its latency.
+//!    response ends, and counted with its latency. Metrics and span names
+//!    carry the method only when it is a declared RPC; any other path is
+//!    `unknown`, so a caller cannot grow the registry (REL-5).
+//! 7. The request body is read through [`MessageLimit`]: a message declared
+//!    larger than `MAX_MESSAGE_BYTES` is refused with RESOURCE_EXHAUSTED
+//!    before any of it is buffered, a compressed or truncated one with
+//!    INVALID_ARGUMENT (REL-5).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -35,6 +41,9 @@ mod bytes_compat {
     pub use prost::bytes::Bytes;
 }
 
+/// The default largest request message: gRPC's usual 4 MiB.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
 /// How much earlier than the client's deadline the edge gives up: a tenth of
 /// it, between 10 and 100 ms. A fixed 5 ms lost the race against tonic's own
 /// timer (which answers CANCELLED) when the machine was busy.
@@ -56,7 +65,11 @@ struct EdgeState {
     permits: Arc<Semaphore>,
     request_timeout: Duration,
     long_running: std::collections::HashSet<String>,
+    max_message_bytes: usize,
 }
+
+/// The label of a path that is not a declared RPC.
+const UNKNOWN_METHOD: &str = "unknown";
 
 impl EdgeLayer {
     /// Builds the edge of `service`.
@@ -77,7 +90,19 @@ impl EdgeLayer {
                 permits: Arc::new(Semaphore::new(max_concurrent)),
                 request_timeout,
                 long_running: Default::default(),
+                max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             }),
+        }
+    }
+
+    /// The largest request message accepted (`MAX_MESSAGE_BYTES`).
+    pub fn with_max_message_bytes(self, max: usize) -> Self {
+        match Arc::try_unwrap(self.state) {
+            Ok(mut state) => {
+                state.max_message_bytes = max;
+                Self { state: Arc::new(state) }
+            }
+            Err(state) => Self { state },
         }
     }
 
@@ -123,16 +148,22 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
         // Take the service that was polled ready; leave a fresh clone behind.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let state = self.state.clone();
-        let path = req.uri().path().to_string();
+        let raw_path = req.uri().path();
 
-        if AccessPolicy::is_public(&path) {
+        if AccessPolicy::is_public(raw_path) {
             return Box::pin(async move { inner.call(req).await.map_err(Into::into) });
         }
+        // Only declared RPCs name a metric series or a span (REL-5).
+        let declared = state.policy.roles_for(raw_path).is_some();
+        let path = raw_path.to_string();
+        let label: Arc<str> = if declared { Arc::from(path.as_str()) } else { Arc::from(UNKNOWN_METHOD) };
+        let limit = MessageLimit::new(state.max_message_bytes, &state.service);
+        let mut req = req.map(|body| Body::new(limit.wrap(body)));
 
         Box::pin(async move {
             let Ok(permit) = state.permits.clone().try_acquire_owned() else {
@@ -140,14 +171,14 @@ where
                 let status =
                     ApiError::ResourceExhausted("server is at its concurrency limit; retry with backoff".into())
                         .into_status(&state.service);
-                record(&state.metrics, &path, "RESOURCE_EXHAUSTED", Duration::ZERO);
+                record(&state.metrics, &label, "RESOURCE_EXHAUSTED", Duration::ZERO);
                 return Ok(status.into_http());
             };
 
-            let (rpc_service, rpc_method) = path.trim_start_matches('/').split_once('/').unwrap_or((&path, ""));
+            let (rpc_service, rpc_method) = label.trim_start_matches('/').split_once('/').unwrap_or((&label, ""));
             let span = tracing::info_span!(
                 "grpc.server",
-                otel.name = %path.trim_start_matches('/'),
+                otel.name = %label.trim_start_matches('/'),
                 otel.kind = "server",
                 otel.status_code = tracing::field::Empty,
                 rpc.system = "grpc",
@@ -164,7 +195,7 @@ where
             state.metrics.in_flight.inc();
             let completion = Completion {
                 metrics: state.metrics.clone(),
-                path: path.clone(),
+                path: label.clone(),
                 started,
                 span: span.clone(),
                 code: None,
@@ -213,6 +244,13 @@ where
                     drop(completion);
                     return Err(e);
                 }
+            };
+            // tonic's own size check (if a service's decoder limit is below
+            // ours) answers OUT_OF_RANGE; no handler does, so it is a too-large message.
+            let response = if header_code(response.headers()) == Some(tonic::Code::OutOfRange) {
+                limit.too_large(None).into_http()
+            } else {
+                response
             };
             let mut completion = completion;
             if let Some(code) = header_code(response.headers()) {
@@ -270,15 +308,16 @@ fn code_name(code: tonic::Code) -> &'static str {
     }
 }
 
-fn record(metrics: &Metrics, path: &str, code: &str, elapsed: Duration) {
-    metrics.requests.get_or_create(&vec![("method", path.to_string()), ("code", code.to_string())]).inc();
-    metrics.latency.get_or_create(&vec![("method", path.to_string())]).observe(elapsed.as_secs_f64());
+fn record(metrics: &Metrics, method: &str, code: &str, elapsed: Duration) {
+    metrics.requests.get_or_create(&vec![("method", method.to_string()), ("code", code.to_string())]).inc();
+    metrics.latency.get_or_create(&vec![("method", method.to_string())]).observe(elapsed.as_secs_f64());
 }
 
 /// Records a request's outcome when its response ends (or is dropped).
 struct Completion {
     metrics: Metrics,
-    path: String,
+    /// The declared method, or `unknown`.
+    path: Arc<str>,
     started: Instant,
     span: tracing::Span,
     code: Option<tonic::Code>,
@@ -353,6 +392,119 @@ impl HttpBody for ObservedBody {
 
     fn is_end_stream(&self) -> bool {
         self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// REL-5: reads the gRPC framing of a request body as it streams by (a
+/// flag byte and a 4-byte length before each message) and fails the body,
+/// before the message is buffered, when a message is declared larger than
+/// the limit, is compressed (no compression is accepted) or is cut short.
+/// tonic hands the failure to the handler as its status.
+#[derive(Clone)]
+struct MessageLimit {
+    max: usize,
+    service: Arc<str>,
+}
+
+impl MessageLimit {
+    fn new(max: usize, service: &str) -> Self {
+        Self { max, service: Arc::from(service) }
+    }
+
+    fn wrap(&self, inner: Body) -> LimitedBody {
+        LimitedBody { inner, limit: self.clone(), header: [0; 5], have: 0, remaining: 0, failed: false }
+    }
+
+    fn too_large(&self, size: Option<usize>) -> tonic::Status {
+        let size = size.map(|n| format!(" ({n} bytes)")).unwrap_or_default();
+        ApiError::TooLarge(format!(
+            "the request message{size} is larger than the {} bytes this service accepts (MAX_MESSAGE_BYTES); send smaller requests or fewer rows per request",
+            self.max
+        ))
+        .into_status(&self.service)
+    }
+
+    fn malformed(&self, why: &str) -> tonic::Status {
+        crm_proto::codec::malformed_in(&format!("crm.{}", self.service), format!("malformed request: {why}"))
+    }
+}
+
+struct LimitedBody {
+    inner: Body,
+    limit: MessageLimit,
+    /// The frame header being read, and how many of its bytes are in.
+    header: [u8; 5],
+    have: usize,
+    /// Bytes of the current message still to come.
+    remaining: usize,
+    failed: bool,
+}
+
+impl LimitedBody {
+    /// Walks the frames in `data`; an error if one breaks the limit.
+    fn check(&mut self, mut data: &[u8]) -> Result<(), tonic::Status> {
+        while !data.is_empty() {
+            if self.remaining > 0 {
+                let n = self.remaining.min(data.len());
+                self.remaining -= n;
+                data = &data[n..];
+                continue;
+            }
+            let n = (5 - self.have).min(data.len());
+            self.header[self.have..self.have + n].copy_from_slice(&data[..n]);
+            self.have += n;
+            data = &data[n..];
+            if self.have < 5 {
+                break;
+            }
+            self.have = 0;
+            if self.header[0] != 0 {
+                return Err(self.limit.malformed("compressed messages are not accepted"));
+            }
+            let len = u32::from_be_bytes([self.header[1], self.header[2], self.header[3], self.header[4]]) as usize;
+            if len > self.limit.max {
+                return Err(self.limit.too_large(Some(len)));
+            }
+            self.remaining = len;
+        }
+        Ok(())
+    }
+}
+
+impl HttpBody for LimitedBody {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        if this.failed {
+            return Poll::Ready(None);
+        }
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref()
+                    && let Err(status) = this.check(data)
+                {
+                    this.failed = true;
+                    return Poll::Ready(Some(Err(status)));
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(None) if this.have > 0 || this.remaining > 0 => {
+                this.failed = true;
+                Poll::Ready(Some(Err(this.limit.malformed("the request ended in the middle of a message"))))
+            }
+            other => other,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.failed || self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> http_body::SizeHint {

@@ -20,10 +20,18 @@ pub struct FieldViolation {
     pub description: String,
 }
 
+/// At most this many violations are listed; the rest are only counted
+/// (REL-5: a request's cost, and its answer's size, are bounded).
+pub const MAX_LISTED_VIOLATIONS: usize = 100;
+
 /// Collects every bad field of a request before failing, so a client learns
-/// about all of them at once.
+/// about all of them at once: the first [`MAX_LISTED_VIOLATIONS`] are listed,
+/// and how many more there were.
 #[derive(Debug, Default, Clone)]
-pub struct FieldViolations(Vec<FieldViolation>);
+pub struct FieldViolations {
+    listed: Vec<FieldViolation>,
+    unlisted: usize,
+}
 
 impl FieldViolations {
     /// An empty collection.
@@ -31,9 +39,13 @@ impl FieldViolations {
         Self::default()
     }
 
-    /// Records a bad field.
+    /// Records a bad field (only counted past the first [`MAX_LISTED_VIOLATIONS`]).
     pub fn add(&mut self, field: impl Into<String>, description: impl Into<String>) {
-        self.0.push(FieldViolation { field: field.into(), description: description.into() });
+        if self.listed.len() < MAX_LISTED_VIOLATIONS {
+            self.listed.push(FieldViolation { field: field.into(), description: description.into() });
+        } else {
+            self.unlisted += 1;
+        }
     }
 
     /// Records the error of a parse, returning the value when it parsed.
@@ -56,23 +68,31 @@ impl FieldViolations {
     /// `idempotency::validate_request_id`), so they are reported together.
     pub fn absorb(&mut self, checked: Result<(), ApiError>) {
         if let Err(ApiError::InvalidArgument(more)) = checked {
-            self.0.extend(more.0);
+            for v in more.listed {
+                self.add(v.field, v.description);
+            }
+            self.unlisted += more.unlisted;
         }
     }
 
     /// Whether no field is bad.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.listed.is_empty()
     }
 
-    /// The recorded violations.
+    /// The listed violations (the first [`MAX_LISTED_VIOLATIONS`]).
     pub fn iter(&self) -> impl Iterator<Item = &FieldViolation> {
-        self.0.iter()
+        self.listed.iter()
+    }
+
+    /// How many violations were counted but not listed.
+    pub fn unlisted(&self) -> usize {
+        self.unlisted
     }
 
     /// `Ok(())` when no field is bad, else INVALID_ARGUMENT naming all of them.
     pub fn into_result(self) -> Result<(), ApiError> {
-        if self.0.is_empty() { Ok(()) } else { Err(ApiError::InvalidArgument(self)) }
+        if self.listed.is_empty() { Ok(()) } else { Err(ApiError::InvalidArgument(self)) }
     }
 }
 
@@ -111,9 +131,13 @@ pub enum ApiError {
     /// Credentials valid, permission missing (PERMISSION_DENIED).
     #[error("{0}")]
     PermissionDenied(String),
-    /// Overload or quota (RESOURCE_EXHAUSTED).
+    /// Overload or quota (RESOURCE_EXHAUSTED); worth retrying later.
     #[error("{0}")]
     ResourceExhausted(String),
+    /// A request or message larger than the server accepts
+    /// (RESOURCE_EXHAUSTED, REL-5); retrying it unchanged will not help.
+    #[error("{0}")]
+    TooLarge(String),
     /// A dependency is unreachable; retry with backoff (UNAVAILABLE).
     #[error("{0}")]
     Unavailable(String),
@@ -126,7 +150,11 @@ pub enum ApiError {
 }
 
 fn summary(v: &FieldViolations) -> String {
-    v.iter().map(|f| format!("{}: {}", f.field, f.description)).collect::<Vec<_>>().join("; ")
+    let mut text = v.iter().map(|f| format!("{}: {}", f.field, f.description)).collect::<Vec<_>>().join("; ");
+    if v.unlisted > 0 {
+        text.push_str(&format!("; and {} more not listed", v.unlisted));
+    }
+    text
 }
 
 impl ApiError {
@@ -166,9 +194,19 @@ impl ApiError {
             Self::Unauthenticated(m) => Self::Unauthenticated(with(m)),
             Self::PermissionDenied(m) => Self::PermissionDenied(with(m)),
             Self::ResourceExhausted(m) => Self::ResourceExhausted(with(m)),
+            Self::TooLarge(m) => Self::TooLarge(with(m)),
             Self::Unavailable(m) => Self::Unavailable(with(m)),
             Self::DeadlineExceeded(m) => Self::DeadlineExceeded(with(m)),
             Self::Internal(m) => Self::Internal(with(m)),
+        }
+    }
+
+    /// Why a client stream could not be read: a message over the size limit
+    /// stays RESOURCE_EXHAUSTED (REL-5); anything else is a broken stream.
+    pub fn from_stream(status: &Status) -> Self {
+        match status.code() {
+            Code::ResourceExhausted => Self::TooLarge(status.message().to_string()),
+            _ => Self::invalid("stream", format!("could not read the stream: {}", status.message())),
         }
     }
 
@@ -182,7 +220,7 @@ impl ApiError {
             Self::Aborted(_) => Code::Aborted,
             Self::Unauthenticated(_) => Code::Unauthenticated,
             Self::PermissionDenied(_) => Code::PermissionDenied,
-            Self::ResourceExhausted(_) => Code::ResourceExhausted,
+            Self::ResourceExhausted(_) | Self::TooLarge(_) => Code::ResourceExhausted,
             Self::Unavailable(_) => Code::Unavailable,
             Self::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Self::Internal(_) => Code::Internal,
@@ -200,6 +238,7 @@ impl ApiError {
             Self::Unauthenticated(_) => "UNAUTHENTICATED",
             Self::PermissionDenied(_) => "PERMISSION_DENIED",
             Self::ResourceExhausted(_) => "OVERLOADED",
+            Self::TooLarge(_) => "MESSAGE_TOO_LARGE",
             Self::Unavailable(_) => "DEPENDENCY_UNAVAILABLE",
             Self::DeadlineExceeded(_) => "DEADLINE_EXCEEDED",
             Self::Internal(_) => "INTERNAL",
@@ -231,12 +270,23 @@ impl ApiError {
             for v in violations.iter() {
                 details.add_bad_request_violation(v.field.clone(), v.description.clone());
             }
+            if violations.unlisted > 0 {
+                note_unlisted(&mut details, violations.unlisted);
+            }
         }
         if matches!(self, Self::ResourceExhausted(_) | Self::Unavailable(_)) {
             details.set_retry_info(Some(std::time::Duration::from_millis(200)));
         }
         Status::with_error_details(code, message, details)
     }
+}
+
+/// Names how many violations were left out of the `BadRequest` list.
+fn note_unlisted(details: &mut ErrorDetails, unlisted: usize) {
+    details.add_bad_request_violation(
+        "*",
+        format!("{unlisted} more bad fields are not listed (only the first {MAX_LISTED_VIOLATIONS} are)"),
+    );
 }
 
 impl From<sqlx::Error> for ApiError {
@@ -298,6 +348,22 @@ mod tests {
         let info = details.error_info().expect("ErrorInfo");
         assert_eq!(info.domain, "crm.profiles");
         assert_eq!(info.reason, "INVALID_ARGUMENT");
+    }
+
+    #[test]
+    fn rel5_field_violations_list_the_first_hundred_and_count_the_rest() {
+        let mut v = FieldViolations::new();
+        for i in 0..100_000 {
+            v.add(format!("tags[{i}]"), "is bad");
+        }
+        assert_eq!(v.iter().count(), MAX_LISTED_VIOLATIONS);
+        assert_eq!(v.unlisted(), 100_000 - MAX_LISTED_VIOLATIONS);
+        let status = v.into_result().unwrap_err().into_status("profiles");
+        let listed = status.get_error_details().bad_request().expect("BadRequest").field_violations.clone();
+        assert_eq!(listed.len(), MAX_LISTED_VIOLATIONS + 1, "the first hundred and a note of the rest");
+        assert!(listed[MAX_LISTED_VIOLATIONS].description.starts_with("99900 more"), "{listed:?}");
+        assert!(status.message().ends_with("and 99900 more not listed"));
+        assert!(status.message().len() < 10_000, "the message stays small");
     }
 
     #[test]

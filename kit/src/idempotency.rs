@@ -6,7 +6,8 @@
 //! racing the first: it waits on the key's row lock) gets [`Claim::Replay`]
 //! with the first response and changes nothing. The same `request_id` with a
 //! different request is INVALID_ARGUMENT. A failed mutation rolls back its
-//! key, so the client may retry it. Keys are kept `IDEMPOTENCY_RETENTION_HOURS`.
+//! key, so the client may retry it. Keys are kept `IDEMPOTENCY_RETENTION_HOURS`
+//! ([`crate::retention`]).
 //!
 //! ```ignore
 //! let mut tx = pool.begin().await?;
@@ -20,7 +21,6 @@
 //! ```
 
 use std::marker::PhantomData;
-use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use sqlx::PgConnection;
@@ -115,16 +115,6 @@ impl<R: prost::Message> Fresh<R> {
         .await?;
         Ok(())
     }
-}
-
-/// Deletes keys older than `retention`; returns how many.
-pub async fn purge(pool: &sqlx::PgPool, retention: Duration) -> Result<u64, sqlx::Error> {
-    let secs = retention.as_secs() as f64;
-    Ok(sqlx::query("DELETE FROM kit_idempotency WHERE created_at < now() - make_interval(secs => $1)")
-        .bind(secs)
-        .execute(pool)
-        .await?
-        .rows_affected())
 }
 
 #[cfg(test)]

@@ -50,6 +50,8 @@ pub struct Metrics {
     pub consumer_errors: Family<Labels, Counter>,
     /// `crm_health_serving`: 1 when the service reports SERVING.
     pub serving: Gauge<i64, AtomicI64>,
+    /// `crm_retention_purged_total{table}`: rows deleted past their retention.
+    pub retention_purged: Family<Labels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -76,6 +78,7 @@ impl Metrics {
             events_consumed: Family::default(),
             consumer_errors: Family::default(),
             serving: Gauge::default(),
+            retention_purged: Family::default(),
         };
         registry.register(
             "grpc_server_requests",
@@ -108,6 +111,11 @@ impl Metrics {
         registry.register("events_consumed", "Events handled by consumers, by outcome", m.events_consumed.clone());
         registry.register("consumer_errors", "Transient consumer failures (retried)", m.consumer_errors.clone());
         registry.register("health_serving", "1 when health reports SERVING", m.serving.clone());
+        registry.register(
+            "retention_purged",
+            "Idempotency keys and inbox entries deleted past their retention, by table",
+            m.retention_purged.clone(),
+        );
         *m.registry.lock().unwrap_or_else(|p| p.into_inner()) = registry;
         m
     }

@@ -123,6 +123,7 @@ impl Kit {
         let mut kit =
             Kit { config, spec, pg, redis, metrics, auth, health, shutdown: Shutdown::new(), tasks: Vec::new() };
         kit.spawn_health_watcher();
+        kit.spawn_retention();
         Ok(kit)
     }
 
@@ -198,6 +199,19 @@ impl Kit {
         let signal = self.shutdown.signal();
         self.spawn(consumer.run(signal));
         Ok(())
+    }
+
+    /// Purges expired idempotency keys and inbox entries (SPEC 3, REL-5).
+    fn spawn_retention(&mut self) {
+        let job = crate::retention::Retention::new(
+            self.pg.clone(),
+            self.config.idempotency_retention,
+            self.config.inbox_retention,
+            self.metrics.clone(),
+        );
+        let every = self.config.retention_interval;
+        let signal = self.shutdown.signal();
+        self.spawn(job.run(every, signal));
     }
 
     fn spawn_health_watcher(&mut self) {
@@ -281,7 +295,8 @@ impl Kit {
             self.config.max_concurrent_requests,
             self.config.request_timeout,
         )
-        .with_long_running(long_running);
+        .with_long_running(long_running)
+        .with_max_message_bytes(self.config.max_message_bytes);
 
         if let Some(metrics_addr) = self.config.metrics_addr {
             let listener = Metrics::bind(metrics_addr)

@@ -215,3 +215,54 @@ pub async fn apply_concurrently<H: crate::consumer::EventHandler + Clone>(
     open.commit().await.expect("first committed");
     other.await.expect("second task");
 }
+
+/// One gRPC message frame: a zero flag byte (not compressed), the length as
+/// four big-endian bytes, the message.
+pub fn frame(message: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(message.len() + 5);
+    out.push(0);
+    out.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    out.extend_from_slice(message);
+    out
+}
+
+/// Sends `body` (raw gRPC frames, well-formed or not: see [`frame`]) to
+/// `path` on the server at `url` with a bearer `token`, and returns the
+/// status the server answered (code OK on success). For hostile-input tests:
+/// oversized, truncated and undecodable messages that a generated client
+/// cannot produce.
+pub async fn raw_call(url: &str, path: &str, body: Vec<u8>, token: &str) -> tonic::Status {
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    let channel = match crate::client::channel(url) {
+        Ok(c) => c,
+        Err(e) => return tonic::Status::unavailable(e.to_string()),
+    };
+    let request = http::Request::builder()
+        .method("POST")
+        .uri(format!("{url}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("authorization", format!("Bearer {token}"))
+        .body(tonic::body::Body::new(
+            http_body_util::Full::new(prost::bytes::Bytes::from(body)).map_err(|never| match never {}),
+        ));
+    let request = match request {
+        Ok(r) => r,
+        Err(e) => return tonic::Status::internal(e.to_string()),
+    };
+    let response = match channel.oneshot(request).await {
+        Ok(r) => r,
+        Err(e) => return tonic::Status::unavailable(e.to_string()),
+    };
+    if let Some(status) = tonic::Status::from_header_map(response.headers()) {
+        return status;
+    }
+    match response.into_body().collect().await {
+        Ok(collected) => collected
+            .trailers()
+            .and_then(tonic::Status::from_header_map)
+            .unwrap_or_else(|| tonic::Status::unknown("the response carried no grpc-status")),
+        Err(e) => e,
+    }
+}

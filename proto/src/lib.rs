@@ -4,6 +4,8 @@
 //! [`FILE_DESCRIPTOR_SET`] holds every contract's descriptors (comments
 //! included) for server reflection, so grpcurl users need no .proto files.
 
+pub mod codec;
+
 /// Encoded `google.protobuf.FileDescriptorSet` of all `crm.*.v1` packages.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/crm_descriptor.bin"));
 

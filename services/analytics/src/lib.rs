@@ -112,7 +112,9 @@ pub async fn run(mut kit: Kit) -> Result<(), KitError> {
     let config = AnalyticsConfig::load(&Env::process())?;
     spawn_workers(&mut kit, &config)?;
     let api = api::AnalyticsApi::new(kit.pg.clone(), config.tz);
-    let routes = tonic::service::Routes::new(AnalyticsServiceServer::new(api));
+    let routes = tonic::service::Routes::new(
+        AnalyticsServiceServer::new(api).max_decoding_message_size(kit.config.max_message_bytes),
+    );
     kit.serve(routes, access_policy()).await
 }
 

@@ -247,7 +247,9 @@ pub async fn run(mut kit: Kit) -> Result<(), KitError> {
     let config = FeedbackConfig::load(&Env::process())?;
     let desk = desk(&kit, &config, Arc::new(SystemClock))?;
     spawn_workers(&mut kit, &desk, &config)?;
-    let routes = tonic::service::Routes::new(FeedbackServiceServer::new(api::FeedbackApi::new(desk)));
+    let routes = tonic::service::Routes::new(
+        FeedbackServiceServer::new(api::FeedbackApi::new(desk)).max_decoding_message_size(kit.config.max_message_bytes),
+    );
     kit.serve(routes, access_policy()).await
 }
 

@@ -290,7 +290,9 @@ pub async fn run(mut kit: Kit) -> Result<(), KitError> {
     kit.spawn_consumer(&["profiles", "segmentation", "feedback"], read_model::ReadModel)?;
     let parts = build(&kit, &config);
     spawn_workers(&mut kit, &config, &parts);
-    let routes = tonic::service::Routes::new(OutreachServiceServer::new(parts.api));
+    let routes = tonic::service::Routes::new(
+        OutreachServiceServer::new(parts.api).max_decoding_message_size(kit.config.max_message_bytes),
+    );
     kit.serve(routes, access_policy()).await
 }
 

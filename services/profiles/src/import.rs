@@ -171,9 +171,7 @@ impl ProfilesApi {
         let mut gate: Weak<Gate> = Weak::new();
         let mut under_gate = 0usize;
         loop {
-            let message = stream.message().await.map_err(|s| {
-                ApiError::invalid("stream", format!("could not read the import stream: {}", s.message()))
-            })?;
+            let message = stream.message().await.map_err(|s| ApiError::from_stream(&s))?;
             let done = message.is_none();
             if let Some(m) = message {
                 chunk.push((index, m));

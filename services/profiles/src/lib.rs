@@ -112,7 +112,9 @@ pub async fn run(mut kit: Kit) -> Result<(), KitError> {
             cache.flush_pending().await;
         }
     });
-    let routes = tonic::service::Routes::new(ProfilesServiceServer::new(api));
+    let routes = tonic::service::Routes::new(
+        ProfilesServiceServer::new(api).max_decoding_message_size(kit.config.max_message_bytes),
+    );
     kit.serve(routes, access_policy()).await
 }
 

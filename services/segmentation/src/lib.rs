@@ -228,7 +228,10 @@ pub async fn run(mut kit: Kit) -> Result<(), KitError> {
     kit.spawn(jobs::run(kit.pg.clone(), kit.config.consumer_name.clone(), config.thresholds.clone(), signal));
     let signal = kit.shutdown_signal();
     kit.spawn(jobs::run_incremental(kit.pg.clone(), config.thresholds, config.incremental_idle, signal));
-    let routes = tonic::service::Routes::new(SegmentationServiceServer::new(api::SegmentationApi::new(kit.pg.clone())));
+    let routes = tonic::service::Routes::new(
+        SegmentationServiceServer::new(api::SegmentationApi::new(kit.pg.clone()))
+            .max_decoding_message_size(kit.config.max_message_bytes),
+    );
     kit.serve(routes, access_policy()).await
 }
 

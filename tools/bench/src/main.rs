@@ -91,6 +91,7 @@ async fn start_profiles(cache: bool) -> (String, crm_kit::lifecycle::Shutdown, s
     config.database_max_connections = 16;
     // The COPY baseline of a million rows runs longer than the service's statement timeout.
     config.database_statement_timeout = Duration::ZERO;
+    config.max_message_bytes = 64 << 20;
     let kit = crm_kit::Kit::start(crm_profiles::SPEC, config).await.expect("kit");
     let (api, _) = crm_profiles::build(
         &kit,
