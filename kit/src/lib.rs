@@ -21,6 +21,7 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod outbox;
 pub mod paging;
+pub mod privacy;
 pub mod retention;
 pub mod server;
 pub mod telemetry;

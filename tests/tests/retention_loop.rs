@@ -56,7 +56,7 @@ async fn the_retention_loop_runs_across_all_five_services_in_one_trace() {
         feedback: feedback.url.clone(),
         analytics: analytics.url.clone(),
     };
-    let token = crm_kit::testing::token(&[Role::Admin, Role::Service, Role::Analyst], false);
+    let token = crm_kit::testing::token(&[Role::Admin, Role::Service, Role::Analyst], true);
     let suite = Suite::connect(&urls, &token).expect("clients");
     let cfg = LoopConfig {
         customers: 150,

@@ -101,7 +101,7 @@ async fn profiles_facts_reach_the_segmentation_view_through_the_incremental_reco
         feedback: profiles.url.clone(),
         analytics: profiles.url.clone(),
     };
-    let token = crm_kit::testing::token(&[Role::Admin, Role::Service, Role::Analyst], false);
+    let token = crm_kit::testing::token(&[Role::Admin, Role::Service, Role::Analyst], true);
     let suite = Suite::connect(&urls, &token).expect("clients");
 
     // A generated base, and the first calibration over it (what the monthly

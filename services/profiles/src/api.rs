@@ -83,7 +83,7 @@ impl ProfilesApi {
             store::audit(
                 &mut conn,
                 &caller.subject,
-                id,
+                Some(id),
                 &format!("{SVC}{method}"),
                 purpose.trim(),
                 &telemetry::current_trace_id(),
@@ -93,6 +93,21 @@ impl ProfilesApi {
             masking::customer(&mut c);
         }
         Ok(c)
+    }
+
+    /// SEC-4: records a search or lookup of personal fields that found nobody.
+    async fn audit_search(&self, caller: &Caller, purpose: &str, method: &str) -> Result<(), ApiError> {
+        let mut conn = self.pg.acquire().await?;
+        store::audit(
+            &mut conn,
+            &caller.subject,
+            None,
+            &format!("{SVC}{method}"),
+            purpose.trim(),
+            &telemetry::current_trace_id(),
+        )
+        .await?;
+        Ok(())
     }
 
     /// Reads a live record through the cache (PRF-9); aliases resolve to the survivor.
@@ -166,6 +181,16 @@ impl ProfilesApi {
             match store::find_by_identity(&mut tx, &c.phone, &c.email, &c.external_ids).await? {
                 Some((id, by)) => {
                     self.enrich(&mut tx, id, &c, now, &req.request_id).await?;
+                    // SEC-4: a create that matched tells its caller the identity exists.
+                    store::audit(
+                        &mut tx,
+                        &caller.subject,
+                        Some(id),
+                        &format!("{SVC}CreateCustomer"),
+                        &format!("identity matched by {by} on create (PRF-3)"),
+                        &telemetry::current_trace_id(),
+                    )
+                    .await?;
                     (id, false, by)
                 }
                 None => {
@@ -321,8 +346,10 @@ impl ProfilesApi {
             if let Some((other, by)) = store::find_by_identity(&mut tx, &next.phone, &next.email, &[]).await?
                 && other != live
             {
+                // Only a caller who may read personal data learns whom (SEC-4).
+                let whom = if caller.can_read_pii() { format!(" ({other})") } else { String::new() };
                 return Err(ApiError::AlreadyExists(format!(
-                    "another customer ({other}) already has this {by}; merge the two records instead"
+                    "another customer{whom} already has this {by}; merge the two records instead"
                 )));
             }
         }
@@ -383,6 +410,9 @@ impl ProfilesApi {
             }
         };
         v.into_result()?;
+        if filter.text_prefix.is_some() {
+            require_search_rights(caller, &req.purpose, "text_prefix")?;
+        }
         let after = match after {
             Some((secs, nanos, id)) => Some((
                 chrono::DateTime::from_timestamp(secs, nanos)
@@ -403,6 +433,10 @@ impl ProfilesApi {
             }
             _ => String::new(),
         };
+        if rows.is_empty() && filter.text_prefix.is_some() {
+            // SEC-4: a search of personal fields that found nobody is audited too.
+            self.audit_search(caller, &req.purpose, "ListCustomers").await?;
+        }
         let mut customers = Vec::with_capacity(rows.len());
         for Stored { customer, .. } in rows {
             customers.push(self.view(caller, customer, &req.purpose, "ListCustomers").await?);
@@ -470,10 +504,15 @@ impl ProfilesApi {
                 )
             }
         };
+        require_search_rights(caller, &req.purpose, "identity")?;
         let mut conn = self.pg.acquire().await?;
         let found = store::find_by_identity(&mut conn, &phone, &email, &ext).await?;
         drop(conn);
-        let (id, _) = found.ok_or_else(|| ApiError::not_found("customer", "with that identity"))?;
+        let Some((id, _)) = found else {
+            // SEC-4: a lookup that found nobody is audited too.
+            self.audit_search(caller, &req.purpose, "ResolveCustomer").await?;
+            return Err(ApiError::not_found("customer", "with that identity"));
+        };
         let c = self.read(id).await?.ok_or_else(|| ApiError::not_found("customer", id.to_string()))?;
         self.view(caller, c, &req.purpose, "ResolveCustomer").await
     }
@@ -664,7 +703,8 @@ impl ProfilesApi {
         let mut v = FieldViolations::new();
         v.check("customer_id", parse_id("customer_id", &req.customer_id).map_err(|e| summary(&e)));
         if req.changes.is_empty() || req.changes.len() > 50 {
-            v.add("changes", "must hold 1..50 grants");
+            // REL-5: no per-item work on a list over its limit.
+            return Err(ApiError::invalid("changes", "must hold 1..50 grants"));
         }
         for (i, g) in req.changes.iter().enumerate() {
             if Channel::try_from(g.channel).is_err() || g.channel == 0 {
@@ -743,7 +783,7 @@ impl ProfilesApi {
         store::audit(
             &mut conn,
             &caller.subject,
-            id,
+            Some(id),
             &format!("{SVC}ExportCustomerData"),
             req.purpose.trim(),
             &telemetry::current_trace_id(),
@@ -909,6 +949,20 @@ async fn erasure_status(conn: &mut sqlx::PgConnection, id: Uuid) -> Result<pb::E
     })
 }
 
+/// SEC-4: searching or matching on personal fields needs `pii:read` and a
+/// stated purpose; a caller who may not read a field cannot probe it.
+fn require_search_rights(caller: &Caller, purpose: &str, field: &str) -> Result<(), ApiError> {
+    if !caller.can_read_pii() {
+        return Err(ApiError::PermissionDenied(format!(
+            "{field} searches personal data (name, phone, e-mail, external ids) and needs the pii:read permission (SEC-4)"
+        )));
+    }
+    if purpose.trim().is_empty() {
+        return Err(ApiError::invalid("purpose", format!("is required when {field} searches personal data (audited)")));
+    }
+    Ok(())
+}
+
 fn check_purpose(purpose: &str) -> Result<(), ApiError> {
     if purpose.chars().count() > 200 {
         return Err(ApiError::invalid("purpose", "is longer than 200 characters"));
@@ -1042,6 +1096,17 @@ impl ProfilesService for ProfilesApi {
         request: Request<pb::ListAccessAuditRequest>,
     ) -> Reply<pb::ListAccessAuditResponse> {
         self.audit_entries(request.into_inner()).await.into_grpc(SERVICE)
+    }
+
+    async fn batch_get_consent(
+        &self,
+        request: Request<pb::BatchGetConsentRequest>,
+    ) -> Reply<pb::BatchGetConsentResponse> {
+        self.batch_consent(request.into_inner()).await.into_grpc(SERVICE)
+    }
+
+    async fn mask_free_text(&self, request: Request<pb::MaskFreeTextRequest>) -> Reply<pb::MaskFreeTextResponse> {
+        ProfilesApi::mask_free_text(self, request.into_inner()).await.into_grpc(SERVICE)
     }
 
     async fn list_suspected_duplicates(

@@ -1,7 +1,9 @@
 //! PRF-4: ImportRecords, the client-streaming bulk import.
 //!
-//! Rows arrive as a stream and are handled in chunks of up to 2 500, each in
-//! one transaction: customers first (validated, identity-resolved against
+//! Rows arrive as a stream; each is validated and normalised as it arrives
+//! (a bad row is only a rejection, so a chunk never buffers more than valid
+//! rows, REL-5) and they are handled in chunks of up to 2 500, each in one
+//! transaction: customers first (validated, identity-resolved against
 //! the base and within the chunk, inserted with one statement, events
 //! written in bulk), then transactions and interactions (owners found by id
 //! or by external id, duplicates skipped by id). Every rejected row is
@@ -86,37 +88,64 @@ struct Prepared {
     transactions: Vec<(i64, pb::Transaction, Option<pb::ExternalId>)>,
     interactions: Vec<(i64, pb::Interaction, Option<pb::ExternalId>)>,
     keys: HashSet<String>,
+    /// Rows taken in (valid or not).
+    rows: usize,
 }
 
 impl Prepared {
-    /// Validates and normalises a chunk's rows (no I/O).
-    fn new(rows: Vec<(i64, pb::ImportRecordsRequest)>) -> Prepared {
-        let mut p = Prepared {
+    /// An empty chunk.
+    fn empty() -> Prepared {
+        Prepared {
             tally: Tally::default(),
-            customers: Vec::new(),
+            customers: Vec::with_capacity(CHUNK),
             transactions: Vec::new(),
             interactions: Vec::new(),
             keys: HashSet::new(),
-        };
-        for (index, row) in rows {
-            match row.record {
-                None => p.tally.reject(index, "record", "one of customer, transaction or interaction is required"),
-                Some(Record::Customer(mut c)) => {
-                    let mut v = FieldViolations::new();
-                    rules::normalise(&mut c, "customer.", &mut v);
-                    match v.iter().next() {
-                        Some(first) => p.tally.reject(index, &first.field, &first.description),
-                        None => {
-                            p.keys.extend(identity_keys(&c));
-                            p.customers.push((index, c));
-                        }
+            rows: 0,
+        }
+    }
+
+    /// Validates and normalises one row as it arrives (no I/O): a bad row
+    /// is only a rejection, so a chunk holds nothing larger than valid rows.
+    fn push(&mut self, index: i64, row: pb::ImportRecordsRequest) {
+        self.rows += 1;
+        match row.record {
+            None => self.tally.reject(index, "record", "one of customer, transaction or interaction is required"),
+            Some(Record::Customer(mut c)) => {
+                let mut v = FieldViolations::new();
+                rules::normalise(&mut c, "customer.", &mut v);
+                match v.iter().next() {
+                    Some(first) => self.tally.reject(index, &first.field, &first.description),
+                    None => {
+                        self.keys.extend(identity_keys(&c));
+                        self.customers.push((index, c));
                     }
                 }
-                Some(Record::Transaction(t)) => p.transactions.push((index, t, row.customer_ref)),
-                Some(Record::Interaction(x)) => p.interactions.push((index, x, row.customer_ref)),
+            }
+            Some(Record::Transaction(mut t)) => {
+                // A row naming its customer by reference has no id to check.
+                if row.customer_ref.is_some() && t.customer_id.is_empty() {
+                    t.customer_id = "by-ref".into();
+                }
+                match records::check_transaction(&t) {
+                    Err((field, reason)) => self.tally.reject(index, &field, &reason),
+                    Ok(()) => self.transactions.push((index, t, row.customer_ref)),
+                }
+            }
+            Some(Record::Interaction(mut x)) => {
+                if row.customer_ref.is_some() && x.customer_id.is_empty() {
+                    x.customer_id = "by-ref".into();
+                }
+                if x.interaction_id.is_empty() {
+                    self.tally.reject(index, "interaction_id", "is required in an import (it makes re-imports safe)");
+                    return;
+                }
+                match records::check_interaction(&x) {
+                    Err((field, reason)) => self.tally.reject(index, &field, &reason),
+                    Ok(()) => self.interactions.push((index, x, row.customer_ref)),
+                }
             }
         }
-        p
     }
 
     /// Whether this chunk may be written while `running` chunks are: only
@@ -162,7 +191,8 @@ impl ProfilesApi {
         mut stream: Streaming<pb::ImportRecordsRequest>,
     ) -> Result<pb::ImportRecordsResponse, ApiError> {
         let mut total = Tally::default();
-        let mut chunk = Vec::with_capacity(CHUNK);
+        let mut chunk = Prepared::empty();
+        let mut first = 0i64;
         let mut index = 0i64;
         let mut running: VecDeque<Running> = VecDeque::new();
         // The identity lock of the chunks running now, and how many have been
@@ -174,12 +204,12 @@ impl ProfilesApi {
             let message = stream.message().await.map_err(|s| ApiError::from_stream(&s))?;
             let done = message.is_none();
             if let Some(m) = message {
-                chunk.push((index, m));
+                chunk.push(index, m);
                 index += 1;
             }
-            if chunk.len() >= CHUNK || (done && !chunk.is_empty()) {
-                let first = chunk.first().map_or(index, |(i, _)| *i);
-                let mut prepared = Prepared::new(std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK)));
+            if chunk.rows >= CHUNK || (done && chunk.rows > 0) {
+                let mut prepared = std::mem::replace(&mut chunk, Prepared::empty());
+                let chunk_first = std::mem::replace(&mut first, index);
                 if !prepared.may_overlap(&running) || under_gate >= GATE_WINDOW {
                     settle_all(&mut running, &mut total).await?;
                 }
@@ -215,7 +245,7 @@ impl ProfilesApi {
                     }
                     result
                 });
-                running.push_back(Running { task, keys, first });
+                running.push_back(Running { task, keys, first: chunk_first });
             }
             if done {
                 break;
@@ -342,19 +372,12 @@ impl ProfilesApi {
         };
 
         let mut tx_rows = Vec::new();
-        for (index, t, customer_ref) in &transactions {
-            let mut t = t.clone();
-            if customer_ref.is_some() && t.customer_id.is_empty() {
-                t.customer_id = "by-ref".into();
-            }
-            if let Err((field, reason)) = records::check_transaction(&t) {
-                tally.reject(*index, &field, &reason);
-                continue;
-            }
-            match owner(&t.customer_id, customer_ref) {
+        // Rows were checked as they arrived (Prepared::push).
+        for (index, t, customer_ref) in transactions {
+            match owner(&t.customer_id, &customer_ref) {
                 Some(id) => tx_rows.push((id, pb::Transaction { customer_id: id.to_string(), ..t })),
                 None => tally.reject(
-                    *index,
+                    index,
                     if customer_ref.is_some() { "customer_ref" } else { "customer_id" },
                     "no such customer",
                 ),
@@ -376,26 +399,14 @@ impl ProfilesApi {
         outbox::enqueue_many(&mut tx, SERVICE, "customer", "", &tx_events).await?;
 
         let mut int_rows = Vec::new();
-        for (index, x, customer_ref) in &interactions {
-            let mut x = x.clone();
-            if customer_ref.is_some() && x.customer_id.is_empty() {
-                x.customer_id = "by-ref".into();
-            }
-            if x.interaction_id.is_empty() {
-                tally.reject(*index, "interaction_id", "is required in an import (it makes re-imports safe)");
-                continue;
-            }
-            if let Err((field, reason)) = records::check_interaction(&x) {
-                tally.reject(*index, &field, &reason);
-                continue;
-            }
+        for (index, mut x, customer_ref) in interactions {
             if x.direction == 0 {
                 x.direction = pb::Direction::Inbound as i32;
             }
-            match owner(&x.customer_id, customer_ref) {
+            match owner(&x.customer_id, &customer_ref) {
                 Some(id) => int_rows.push((id, pb::Interaction { customer_id: id.to_string(), ..x })),
                 None => tally.reject(
-                    *index,
+                    index,
                     if customer_ref.is_some() { "customer_ref" } else { "customer_id" },
                     "no such customer",
                 ),

@@ -11,6 +11,7 @@ pub mod duplicates;
 pub mod events;
 pub mod import;
 pub mod merging;
+pub mod privacy;
 pub mod store;
 pub mod timeline;
 
@@ -76,6 +77,8 @@ pub fn access_policy() -> AccessPolicy {
             ("GetErasureStatus", ADMIN),
             ("ListAccessAudit", ADMIN),
             ("ListSuspectedDuplicates", &[Role::Admin, Role::Agent, Role::Analyst]),
+            ("BatchGetConsent", MACHINE),
+            ("MaskFreeText", MACHINE),
         ],
     )
 }

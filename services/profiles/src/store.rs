@@ -428,6 +428,58 @@ pub async fn insert_interactions(
     .await
 }
 
+/// For each of `ids` that is a customer: the live record it stands for
+/// (following merges, at most 32 deep) and whether that one was erased.
+pub async fn live_of(
+    conn: &mut PgConnection,
+    ids: &[Uuid],
+) -> Result<std::collections::HashMap<Uuid, (Uuid, bool)>, sqlx::Error> {
+    let rows: Vec<(Uuid, Uuid, bool)> = sqlx::query_as(
+        "WITH RECURSIVE chain(asked, id, next, erased, depth) AS ( \
+             SELECT customer_id, customer_id, merged_into, erased_at IS NOT NULL, 0 FROM customers WHERE customer_id = ANY($1) \
+             UNION ALL SELECT chain.asked, c.customer_id, c.merged_into, c.erased_at IS NOT NULL, chain.depth + 1 \
+             FROM customers c JOIN chain ON c.customer_id = chain.next WHERE chain.depth < 32) \
+         SELECT asked, id, erased FROM chain WHERE next IS NULL",
+    )
+    .bind(ids)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows.into_iter().map(|(asked, id, erased)| (asked, (id, erased))).collect())
+}
+
+/// Current consent of several customers, as `(customer, grant)` pairs.
+pub async fn consents_of(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<(Uuid, ConsentGrant)>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT customer_id, channel, purpose, granted, source, updated_at, expires_at FROM consents \
+         WHERE customer_id = ANY($1) ORDER BY customer_id, channel, purpose",
+    )
+    .bind(ids)
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter().map(|r| Ok((r.try_get("customer_id")?, grant_from_row(r)?))).collect()
+}
+
+/// SEC-4: the names a free text about each of `ids` may mention: the
+/// record's own and, for an alias, its survivor's. Erased records have none.
+pub async fn names_of(
+    conn: &mut PgConnection,
+    ids: &[Uuid],
+) -> Result<std::collections::HashMap<Uuid, Vec<String>>, sqlx::Error> {
+    let rows: Vec<(Uuid, String)> = sqlx::query_as(
+        "SELECT c.customer_id, c.name FROM customers c WHERE c.customer_id = ANY($1) AND c.erased_at IS NULL \
+         UNION ALL SELECT c.customer_id, s.name FROM customers c JOIN customers s ON s.customer_id = c.merged_into \
+         WHERE c.customer_id = ANY($1) AND s.erased_at IS NULL",
+    )
+    .bind(ids)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut out: std::collections::HashMap<Uuid, Vec<String>> = std::collections::HashMap::new();
+    for (id, name) in rows {
+        out.entry(id).or_default().push(name);
+    }
+    Ok(out)
+}
+
 /// Which of these ids are live (not merged away, not erased) customers.
 pub async fn live_ids(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<Uuid>, sqlx::Error> {
     sqlx::query_scalar(
@@ -601,11 +653,12 @@ pub async fn identity_set(conn: &mut PgConnection, id: Uuid) -> Result<Vec<Uuid>
     .await
 }
 
-/// Appends an unmasked read to the audit (SEC-1).
+/// Appends an unmasked read, or a search of personal fields, to the audit
+/// (SEC-1, SEC-4); `customer` is `None` for a search that found nobody.
 pub async fn audit(
     conn: &mut PgConnection,
     subject: &str,
-    customer: Uuid,
+    customer: Option<Uuid>,
     method: &str,
     purpose: &str,
     trace_id: &str,
@@ -653,7 +706,10 @@ pub async fn audit_entries(
                 AccessAuditEntry {
                     subject: r.try_get("subject")?,
                     access_time: Some(ts(r.try_get("access_time")?)),
-                    customer_id: r.try_get::<Uuid, _>("customer_id")?.to_string(),
+                    customer_id: r
+                        .try_get::<Option<Uuid>, _>("customer_id")?
+                        .map(|id| id.to_string())
+                        .unwrap_or_default(),
                     method: r.try_get("method")?,
                     purpose: r.try_get("purpose")?,
                     trace_id: r.try_get("trace_id")?,

@@ -717,7 +717,7 @@ async fn batch_get_and_resolve_find_customers_by_id_and_identity() {
         Identity::ExternalId(pb::ExternalId { source: "POS".into(), id: "C-1".into() }),
     ] {
         let found = admin
-            .resolve_customer(pb::ResolveCustomerRequest { identity: Some(identity), purpose: String::new() })
+            .resolve_customer(pb::ResolveCustomerRequest { identity: Some(identity), purpose: "support call".into() })
             .await
             .expect("resolve")
             .into_inner();
@@ -773,7 +773,7 @@ async fn prf3_a_merged_away_customer_still_resolves_and_a_merge_can_be_undone() 
     let by_phone = admin
         .resolve_customer(pb::ResolveCustomerRequest {
             identity: Some(pb::resolve_customer_request::Identity::Phone("+8613900000021".into())),
-            purpose: String::new(),
+            purpose: "support call".into(),
         })
         .await
         .expect("the loser's phone resolves")

@@ -143,7 +143,7 @@ pub async fn seed(suite: &Suite, customers: usize, seed: u64) -> Result<Seeded, 
                 let customer = p
                     .resolve_customer(pf::ResolveCustomerRequest {
                         identity: Some(pf::resolve_customer_request::Identity::ExternalId(external)),
-                        purpose: String::new(),
+                        purpose: "demo: seed consent".into(),
                     })
                     .await
                     .map_err(status("ResolveCustomer"))?
@@ -374,7 +374,7 @@ pub async fn retention_loop(suite: &Suite, cfg: &LoopConfig) -> Result<Report, S
                 source: crm_datagen::SOURCE.into(),
                 id: (cfg.customers - 1).to_string(),
             })),
-            purpose: String::new(),
+            purpose: "demo: find a generated customer".into(),
         })
         .await
         .map_err(status("ResolveCustomer"))?
@@ -737,7 +737,7 @@ async fn feedback(suite: &Suite, cfg: &LoopConfig, report: &mut Report, rng: &mu
                     source: crm_datagen::SOURCE.into(),
                     id: i.to_string(),
                 })),
-                purpose: String::new(),
+                purpose: "demo: find a generated customer".into(),
             })
             .await
             .map(|c| c.into_inner().customer_id)

@@ -27,6 +27,9 @@ pub const UPDATABLE: &[&str] = &[
 
 const MAX_TAGS: usize = 50;
 const MAX_ATTRIBUTES: usize = 100;
+const MAX_EXTERNAL_IDS: usize = 20;
+/// Paths an update mask may name: every field and every attribute.
+pub const MAX_MASK_PATHS: usize = UPDATABLE.len() + MAX_ATTRIBUTES;
 
 /// Validates and normalises a customer in place (phone to E.164, e-mail
 /// lower-cased, name and tags trimmed). Every problem is added to `v` under
@@ -89,6 +92,11 @@ pub fn normalise(c: &mut Customer, prefix: &str, v: &mut FieldViolations) {
             }
         }
     }
+    // REL-5: counts before any per-item work, so a huge list costs nothing.
+    if c.external_ids.len() > MAX_EXTERNAL_IDS {
+        v.add(f("external_ids"), format!("at most {MAX_EXTERNAL_IDS} external ids"));
+        c.external_ids.clear();
+    }
     for (i, x) in c.external_ids.iter_mut().enumerate() {
         x.source = x.source.trim().to_lowercase();
         x.id = x.id.trim().to_string();
@@ -102,21 +110,28 @@ pub fn normalise(c: &mut Customer, prefix: &str, v: &mut FieldViolations) {
             v.add(f(&format!("external_ids[{i}].id")), "must be 1..128 characters");
         }
     }
+    if c.tags.len() > MAX_TAGS {
+        v.add(f("tags"), format!("at most {MAX_TAGS} tags"));
+        c.tags.clear();
+    }
+    let mut seen = std::collections::HashSet::with_capacity(c.tags.len());
     let mut tags: Vec<String> = Vec::with_capacity(c.tags.len());
     for (i, t) in c.tags.iter().enumerate() {
+        if t.len() > 4 * 64 {
+            v.add(f(&format!("tags[{i}]")), "must be 1..64 characters without commas");
+            continue;
+        }
         let t = t.trim().to_lowercase();
         if t.is_empty() || t.chars().count() > 64 || t.chars().any(|ch| ch.is_control() || ch == ',') {
             v.add(f(&format!("tags[{i}]")), "must be 1..64 characters without commas");
-        } else if !tags.contains(&t) {
+        } else if seen.insert(t.clone()) {
             tags.push(t);
         }
-    }
-    if tags.len() > MAX_TAGS {
-        v.add(f("tags"), format!("at most {MAX_TAGS} tags"));
     }
     c.tags = tags;
     if c.attributes.len() > MAX_ATTRIBUTES {
         v.add(f("attributes"), format!("at most {MAX_ATTRIBUTES} attributes"));
+        c.attributes.clear();
     }
     for (key, value) in &c.attributes {
         if !is_attribute_key(key) {
@@ -225,6 +240,10 @@ fn is_time_zone_name(tz: &str) -> bool {
 pub fn apply_mask(current: &mut Customer, patch: &Customer, mask: &[String], v: &mut FieldViolations) {
     if mask.is_empty() {
         v.add("update_mask", "is required: name the fields to update, e.g. \"phone,tags\"");
+    }
+    if mask.len() > MAX_MASK_PATHS {
+        v.add("update_mask", format!("names more than {MAX_MASK_PATHS} paths"));
+        return;
     }
     for path in mask {
         match path.as_str() {

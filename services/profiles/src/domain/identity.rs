@@ -69,6 +69,10 @@ impl Phone {
 impl Email {
     /// Parses and lower-cases an address.
     pub fn parse(input: &str) -> Result<Email, Invalid> {
+        // REL-5: the size before any per-character work.
+        if input.len() > 4 * 254 {
+            return Err(Invalid("is longer than 254 characters".into()));
+        }
         let s = input.trim().to_lowercase();
         if s.len() > 254 {
             return Err(Invalid("is longer than 254 characters".into()));
@@ -105,6 +109,10 @@ impl Email {
 
 /// Trims a name and checks its length (1..200 characters, no control characters).
 pub fn parse_name(input: &str) -> Result<String, Invalid> {
+    // REL-5: the size before any per-character work (a character is at most 4 bytes).
+    if input.len() > 4 * 200 && input.chars().count() > 200 {
+        return Err(Invalid("is longer than 200 characters".into()));
+    }
     let name = input.split_whitespace().collect::<Vec<_>>().join(" ");
     if name.is_empty() {
         return Err(Invalid("is required".into()));

@@ -2,70 +2,7 @@
 
 use crm_proto::profiles::v1::{Address, Customer};
 
-/// `138****5678` for mainland numbers; other numbers keep "+", their first
-/// 3 and last 4 digits.
-pub fn phone(e164: &str) -> String {
-    if e164.is_empty() {
-        return String::new();
-    }
-    let digits = e164.trim_start_matches('+');
-    let (prefix, national) = match digits.strip_prefix("86") {
-        Some(n) => ("", n),
-        None => ("+", digits),
-    };
-    let n = national.chars().count();
-    if n <= 7 {
-        return format!("{prefix}{}", "*".repeat(n));
-    }
-    format!("{prefix}{}{}{}", &national[..3], "*".repeat(n - 7), &national[n - 4..])
-}
-
-/// `z***@example.com`.
-pub fn email(address: &str) -> String {
-    match address.split_once('@') {
-        Some((local, domain)) => {
-            let first: String = local.chars().take(1).collect();
-            format!("{first}***@{domain}")
-        }
-        None if address.is_empty() => String::new(),
-        None => "***".into(),
-    }
-}
-
-/// A person's name keeps the surname only: `张*` / `张**`, `W*** Li`.
-pub fn name(full: &str) -> String {
-    let full = full.trim();
-    let is_cjk = full
-        .chars()
-        .next()
-        .is_some_and(|c| ('\u{4e00}'..='\u{9fff}').contains(&c) || ('\u{3400}'..='\u{4dbf}').contains(&c));
-    if is_cjk {
-        let mut chars = full.chars();
-        let surname = chars.next().map(String::from).unwrap_or_default();
-        let rest = chars.filter(|c| !c.is_whitespace()).count().max(1);
-        return format!("{surname}{}", "*".repeat(rest));
-    }
-    let words: Vec<&str> = full.split_whitespace().collect();
-    match words.as_slice() {
-        [] => String::new(),
-        [one] => format!("{}***", one.chars().next().unwrap_or('*')),
-        [first, .., last] => format!("{}*** {last}", first.chars().next().unwrap_or('*')),
-    }
-}
-
-/// Masks an external id: first 2 and last 2 characters.
-pub fn identifier(id: &str) -> String {
-    let chars: Vec<char> = id.chars().collect();
-    if chars.len() <= 4 {
-        return "*".repeat(chars.len());
-    }
-    format!(
-        "{}{}{}",
-        chars[..2].iter().collect::<String>(),
-        "*".repeat(chars.len() - 4),
-        chars[chars.len() - 2..].iter().collect::<String>()
-    )
-}
+pub use crm_kit::privacy::{email, identifier, name, phone};
 
 /// Masks every personal field of a customer and marks it `masked`.
 pub fn customer(c: &mut Customer) {
