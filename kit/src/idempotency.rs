@@ -117,6 +117,24 @@ impl<R: prost::Message> Fresh<R> {
     }
 }
 
+/// PRF-8, SEC-5: deletes the stored first responses that mention any of
+/// these customers (an encoded response holds the id verbatim): they may
+/// hold the person's data (a record, a feedback text, a note). Called from
+/// each service's handler of CustomerErased, in its transaction; the table
+/// is bounded by retention, so the scan is too. A retry of such a request
+/// after the erasure runs as a new one.
+pub async fn forget_customers(conn: &mut PgConnection, ids: &[uuid::Uuid]) -> Result<u64, sqlx::Error> {
+    let needles: Vec<String> = ids.iter().map(|id| id.to_string()).collect();
+    Ok(sqlx::query(
+        "DELETE FROM kit_idempotency k WHERE EXISTS \
+         (SELECT 1 FROM UNNEST($1::text[]) AS n WHERE position(convert_to(n, 'UTF8') IN k.response) > 0)",
+    )
+    .bind(&needles)
+    .execute(conn)
+    .await?
+    .rows_affected())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

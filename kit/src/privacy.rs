@@ -8,7 +8,26 @@
 //! Free text (feedback, notes, errors echoed by a relay) is masked by
 //! [`mask_text`]: every run of digits that looks like a phone number and
 //! every e-mail address, whoever's, and the given names of the customers it
-//! is about. It is pure and linear in the text.
+//! is about. It is pure and linear in the text. The names live in profiles
+//! only, so services other than profiles mask their free text through
+//! profiles' MaskFreeText ([`ProfilesMasker`]), and [`mask_for`] withholds
+//! a text it could not mask rather than show it (fail closed).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use crm_proto::profiles::v1 as profiles;
+use crm_proto::profiles::v1::profiles_service_client::ProfilesServiceClient;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+use crate::auth::Caller;
+use crate::client::Outgoing;
+
+/// What a caller without `pii:read` sees instead of a free text whose
+/// personal data could not be masked (profiles unreachable or not configured).
+pub const WITHHELD: &str = "[withheld: the personal data in this text could not be masked just now; retry later]";
 
 /// `138****5678` for mainland numbers; other numbers keep "+", their first
 /// 3 and last 4 digits.
@@ -245,6 +264,109 @@ fn replace_word(text: &str, needle: &str, with: &str) -> String {
         }
     }
     out
+}
+
+/// The future of a masking call.
+pub type Masking<'a> = Pin<Box<dyn Future<Output = Result<Vec<String>, String>> + Send + 'a>>;
+
+/// Masks free texts about customers: `(customer id, text)` in, masked texts
+/// out, in order. An error means "not masked": the caller withholds.
+pub trait TextMasker: Send + Sync {
+    /// Masks `texts`.
+    fn mask(&self, texts: Vec<(String, String)>) -> Masking<'_>;
+}
+
+/// Texts per MaskFreeText call, and characters per call (profiles' limits).
+const MASK_BATCH: usize = 1000;
+const MASK_CHARS: usize = 1_000_000;
+const MASK_TEXT_CHARS: usize = 20_000;
+
+/// Masking through profiles' MaskFreeText (SEC-4): profiles holds the names.
+#[derive(Clone)]
+pub struct ProfilesMasker {
+    client: ProfilesServiceClient<InterceptedService<Channel, Outgoing>>,
+    timeout: Duration,
+}
+
+impl ProfilesMasker {
+    /// A masker calling profiles at `url` with the service's token.
+    pub fn new(url: &str, outgoing: Outgoing, timeout: Duration) -> Result<Self, tonic::transport::Error> {
+        let channel = crate::client::channel(url)?;
+        Ok(Self { client: ProfilesServiceClient::with_interceptor(channel, outgoing), timeout })
+    }
+
+    async fn call(&self, texts: Vec<profiles::FreeText>) -> Result<Vec<String>, String> {
+        let n = texts.len();
+        let mut request = tonic::Request::new(profiles::MaskFreeTextRequest { texts });
+        request.set_timeout(self.timeout);
+        let mut client = self.client.clone();
+        let masked = tokio::time::timeout(self.timeout, client.mask_free_text(request))
+            .await
+            .map_err(|_| "profiles MaskFreeText timed out".to_string())?
+            .map_err(|s| format!("profiles MaskFreeText: {:?} {}", s.code(), s.message()))?
+            .into_inner()
+            .texts;
+        if masked.len() != n {
+            return Err(format!("profiles MaskFreeText answered {} texts for {n}", masked.len()));
+        }
+        Ok(masked)
+    }
+}
+
+impl TextMasker for ProfilesMasker {
+    fn mask(&self, texts: Vec<(String, String)>) -> Masking<'_> {
+        Box::pin(async move {
+            let mut out = Vec::with_capacity(texts.len());
+            let mut batch: Vec<profiles::FreeText> = Vec::new();
+            let mut chars = 0usize;
+            for (customer_id, text) in texts {
+                let len = text.chars().count();
+                if len > MASK_TEXT_CHARS {
+                    return Err(format!("a text of {len} characters is longer than profiles masks"));
+                }
+                if batch.len() == MASK_BATCH || chars + len > MASK_CHARS {
+                    out.extend(self.call(std::mem::take(&mut batch)).await?);
+                    chars = 0;
+                }
+                chars += len;
+                batch.push(profiles::FreeText { customer_id, text });
+            }
+            if !batch.is_empty() {
+                out.extend(self.call(batch).await?);
+            }
+            Ok(out)
+        })
+    }
+}
+
+/// SEC-4: shows free texts to `caller`: unchanged with `pii:read`; else
+/// masked through `masker` (`(customer id, text)` pairs), and withheld
+/// ([`WITHHELD`]) when they cannot be masked. Empty texts stay empty.
+pub async fn mask_for(caller: &Caller, masker: Option<&dyn TextMasker>, mut texts: Vec<(String, &mut String)>) {
+    if caller.can_read_pii() {
+        return;
+    }
+    texts.retain(|(_, t)| !t.is_empty());
+    if texts.is_empty() {
+        return;
+    }
+    let masked = match masker {
+        Some(m) => m.mask(texts.iter().map(|(c, t)| (c.clone(), t.to_string())).collect()).await,
+        None => Err("no masker configured".to_string()),
+    };
+    match masked {
+        Ok(masked) => {
+            for ((_, text), m) in texts.into_iter().zip(masked) {
+                *text = m;
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, texts = texts.len(), "free text withheld: it could not be masked (SEC-4)");
+            for (_, text) in texts {
+                *text = WITHHELD.to_string();
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -266,3 +266,40 @@ pub async fn raw_call(url: &str, path: &str, body: Vec<u8>, token: &str) -> toni
         Err(e) => e,
     }
 }
+
+/// A [`crate::privacy::TextMasker`] that knows customers' names from a map
+/// (the real one asks profiles) and can be made unreachable, for services' tests.
+#[derive(Debug, Default)]
+pub struct NamesMasker {
+    names: std::sync::Mutex<std::collections::HashMap<String, Vec<String>>>,
+    /// While set, masking fails as an unreachable profiles would.
+    pub down: std::sync::atomic::AtomicBool,
+}
+
+impl NamesMasker {
+    /// Records the name of a customer.
+    pub fn name(&self, customer_id: &str, name: &str) {
+        if let Ok(mut names) = self.names.lock() {
+            names.entry(customer_id.to_string()).or_default().push(name.to_string());
+        }
+    }
+}
+
+impl crate::privacy::TextMasker for NamesMasker {
+    fn mask(&self, texts: Vec<(String, String)>) -> crate::privacy::Masking<'_> {
+        Box::pin(async move {
+            if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err("profiles unreachable (test)".to_string());
+            }
+            let names = self.names.lock().map_err(|e| e.to_string())?;
+            Ok(texts
+                .into_iter()
+                .map(|(id, t)| {
+                    let of: Vec<&str> =
+                        names.get(&id).map(|n| n.iter().map(String::as_str).collect()).unwrap_or_default();
+                    crate::privacy::mask_text(&t, &of)
+                })
+                .collect())
+        })
+    }
+}

@@ -1038,6 +1038,7 @@ impl Ingest {
                 self.recompute(tx, &[survivor, restored], &mut d).await?;
             }
             Structural::Erased(ids, customer, request_id) => {
+                crm_kit::idempotency::forget_customers(tx, &ids).await?;
                 // PRF-8: the id is replaced by a random one everywhere; the facts
                 // (and so every aggregate) stay, with no way back to the person.
                 for id in ids {

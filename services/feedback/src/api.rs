@@ -21,6 +21,7 @@ use crate::domain::classify::MAX_TEXT_CHARS;
 use crate::domain::survey::Survey;
 use crate::domain::ticket::{self, State};
 use crate::intake::{self, FEEDBACK_COLUMNS, FeedbackRow, Submission};
+use crate::privacy;
 use crate::tickets::{self, TicketRow};
 use crate::wire::{self, ts};
 
@@ -151,6 +152,35 @@ impl FeedbackApi {
             closed_loop::make_leased(&self.desk, ack);
         }
         Ok(out)
+    }
+
+    /// A ticket as `caller` may see it (SEC-4).
+    async fn shown(&self, caller: &Caller, mut t: pb::Ticket) -> Result<pb::Ticket, ApiError> {
+        privacy::tickets(&self.desk, caller, std::slice::from_mut(&mut t)).await;
+        Ok(t)
+    }
+
+    /// OUT-5, REL-6: which of the asked customers have a complaint open now.
+    async fn open_complaints(
+        &self,
+        req: pb::CheckOpenComplaintsRequest,
+    ) -> Result<pb::CheckOpenComplaintsResponse, ApiError> {
+        if req.customer_ids.is_empty() || req.customer_ids.len() > 1000 {
+            return Err(ApiError::invalid("customer_ids", "must hold 1..1000 ids"));
+        }
+        let mut v = FieldViolations::new();
+        let ids: Vec<Uuid> = req
+            .customer_ids
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| {
+                v.check(&format!("customer_ids[{i}]"), parse_id("customer_ids", s).map_err(|e| reason(&e)))
+            })
+            .collect();
+        v.into_result()?;
+        let mut conn = self.desk.pool.acquire().await?;
+        let open = tickets::customers_with_open_complaints(&mut conn, &ids).await?;
+        Ok(pb::CheckOpenComplaintsResponse { customer_ids: open.into_iter().map(|id| id.to_string()).collect() })
     }
 
     async fn feedback_row(&self, conn: &mut sqlx::PgConnection, id: Uuid) -> Result<FeedbackRow, ApiError> {
@@ -557,7 +587,8 @@ impl FeedbackApi {
             SERVICE,
             Aggregate { kind: "survey_response", id: &id.to_string() },
             &req.request_id,
-            &pb::SurveyAnswered { response: Some(out.clone()) },
+            // SEC-5: events carry ids and scores, not the customer's words.
+            &pb::SurveyAnswered { response: Some(pb::SurveyResponse { comment: String::new(), ..out.clone() }) },
         )
         .await?;
         fresh.complete(&mut tx, &out).await?;
@@ -852,22 +883,43 @@ struct CheckedAction {
 #[tonic::async_trait]
 impl FeedbackService for FeedbackApi {
     async fn submit_feedback(&self, r: Request<pb::SubmitFeedbackRequest>) -> Reply<pb::SubmitFeedbackResponse> {
-        self.submit(r.into_inner()).await.into_grpc(SERVICE)
+        let caller = Caller::or_nobody(&r);
+        let work = async {
+            let mut out = self.submit(r.into_inner()).await?;
+            privacy::submitted(&self.desk, &caller, &mut out).await;
+            Ok(out)
+        };
+        work.await.into_grpc(SERVICE)
     }
     async fn get_feedback(&self, r: Request<pb::GetFeedbackRequest>) -> Reply<pb::Feedback> {
+        let caller = Caller::or_nobody(&r);
         let work = async {
             let id = parse_id("feedback_id", &r.get_ref().feedback_id)?;
             let mut conn = self.desk.pool.acquire().await?;
-            Ok(self.feedback_row(&mut conn, id).await?.to_wire())
+            let mut f = self.feedback_row(&mut conn, id).await?.to_wire();
+            drop(conn);
+            privacy::feedback(&self.desk, &caller, std::slice::from_mut(&mut f)).await;
+            Ok(f)
         };
         work.await.into_grpc(SERVICE)
     }
     async fn list_feedback(&self, r: Request<pb::ListFeedbackRequest>) -> Reply<pb::ListFeedbackResponse> {
-        self.list_feedback(r.into_inner()).await.into_grpc(SERVICE)
+        let caller = Caller::or_nobody(&r);
+        let work = async {
+            let mut out = self.list_feedback(r.into_inner()).await?;
+            privacy::feedback(&self.desk, &caller, &mut out.feedback).await;
+            Ok(out)
+        };
+        work.await.into_grpc(SERVICE)
     }
     async fn reclassify_feedback(&self, r: Request<pb::ReclassifyFeedbackRequest>) -> Reply<pb::Feedback> {
-        let who = actor(&r);
-        self.reclassify(who, r.into_inner()).await.into_grpc(SERVICE)
+        let caller = Caller::or_nobody(&r);
+        let work = async {
+            let mut f = self.reclassify(caller.subject.clone(), r.into_inner()).await?;
+            privacy::feedback(&self.desk, &caller, std::slice::from_mut(&mut f)).await;
+            Ok(f)
+        };
+        work.await.into_grpc(SERVICE)
     }
     async fn classify_text(&self, r: Request<pb::ClassifyTextRequest>) -> Reply<pb::Classification> {
         let work = async {
@@ -879,30 +931,49 @@ impl FeedbackService for FeedbackApi {
         work.await.into_grpc(SERVICE)
     }
     async fn get_ticket(&self, r: Request<pb::GetTicketRequest>) -> Reply<pb::Ticket> {
+        let caller = Caller::or_nobody(&r);
         let work = async {
             let id = parse_id("ticket_id", &r.get_ref().ticket_id)?;
             let mut conn = self.desk.pool.acquire().await?;
             let t = tickets::get(&mut conn, id).await?;
-            tickets::load_wire(&mut conn, &self.desk, &t, true).await
+            let wire = tickets::load_wire(&mut conn, &self.desk, &t, true).await?;
+            drop(conn);
+            self.shown(&caller, wire).await
         };
         work.await.into_grpc(SERVICE)
     }
     async fn list_tickets(&self, r: Request<pb::ListTicketsRequest>) -> Reply<pb::ListTicketsResponse> {
-        self.list_tickets(r.into_inner()).await.into_grpc(SERVICE)
+        let caller = Caller::or_nobody(&r);
+        let work = async {
+            let mut out = self.list_tickets(r.into_inner()).await?;
+            privacy::tickets(&self.desk, &caller, &mut out.tickets).await;
+            Ok(out)
+        };
+        work.await.into_grpc(SERVICE)
     }
     async fn assign_ticket(&self, r: Request<pb::AssignTicketRequest>) -> Reply<pb::Ticket> {
-        let who = actor(&r);
-        self.assign(who, r.into_inner()).await.into_grpc(SERVICE)
+        let caller = Caller::or_nobody(&r);
+        let work = async { self.shown(&caller, self.assign(actor(&r), r.into_inner()).await?).await };
+        work.await.into_grpc(SERVICE)
     }
     async fn transition_ticket(&self, r: Request<pb::TransitionTicketRequest>) -> Reply<pb::Ticket> {
-        let who = actor(&r);
-        self.transition(who, r.into_inner()).await.into_grpc(SERVICE)
+        let caller = Caller::or_nobody(&r);
+        let work = async { self.shown(&caller, self.transition(actor(&r), r.into_inner()).await?).await };
+        work.await.into_grpc(SERVICE)
     }
     async fn record_verification(&self, r: Request<pb::RecordVerificationRequest>) -> Reply<pb::Ticket> {
-        self.verification(r.into_inner()).await.into_grpc(SERVICE)
+        let caller = Caller::or_nobody(&r);
+        let work = async { self.shown(&caller, self.verification(r.into_inner()).await?).await };
+        work.await.into_grpc(SERVICE)
     }
     async fn submit_survey_response(&self, r: Request<pb::SubmitSurveyResponseRequest>) -> Reply<pb::SurveyResponse> {
-        self.survey(r.into_inner()).await.into_grpc(SERVICE)
+        let caller = Caller::or_nobody(&r);
+        let work = async {
+            let mut out = self.survey(r.into_inner()).await?;
+            privacy::survey(&self.desk, &caller, &mut out).await;
+            Ok(out)
+        };
+        work.await.into_grpc(SERVICE)
     }
     async fn create_improvement_action(
         &self,
@@ -930,5 +1001,11 @@ impl FeedbackService for FeedbackApi {
         r: Request<pb::GetClassificationStatsRequest>,
     ) -> Reply<pb::ClassificationStats> {
         self.classification_stats(r.into_inner()).await.into_grpc(SERVICE)
+    }
+    async fn check_open_complaints(
+        &self,
+        r: Request<pb::CheckOpenComplaintsRequest>,
+    ) -> Reply<pb::CheckOpenComplaintsResponse> {
+        self.open_complaints(r.into_inner()).await.into_grpc(SERVICE)
     }
 }

@@ -71,6 +71,9 @@ pub struct Desk {
     pub profiles: Option<Arc<dyn Profiles>>,
     /// outreach (None: no acknowledgements are sent).
     pub outreach: Option<Arc<dyn Outreach>>,
+    /// Masks free text for callers without `pii:read` (profiles' MaskFreeText;
+    /// None: such callers see it withheld), SEC-4.
+    pub masker: Option<Arc<dyn crm_kit::privacy::TextMasker>>,
     /// Tunables.
     pub settings: Settings,
     /// Metrics.

@@ -15,6 +15,7 @@ pub mod evaluation;
 pub mod intake;
 pub mod jobs;
 pub mod partners;
+pub mod privacy;
 pub mod read_model;
 pub mod tickets;
 pub mod wire;
@@ -181,6 +182,7 @@ pub fn access_policy() -> AccessPolicy {
             ("ListImprovementActions", READ),
             ("ListSlaPolicies", READ),
             ("GetClassificationStats", &[Admin, Analyst]),
+            ("CheckOpenComplaints", &[Admin, Service]),
         ],
     )
 }
@@ -200,6 +202,13 @@ pub fn classifier() -> Result<Arc<Classifier>, KitError> {
 pub fn desk(kit: &Kit, config: &FeedbackConfig, clock: Arc<dyn Clock>) -> Result<Desk, KitError> {
     let outgoing = Outgoing::new(&kit.auth, SERVICE);
     let wiring = |name: &str, e: tonic::transport::Error| KitError::Wiring(format!("{name}: {e}"));
+    let masker: Option<Arc<dyn crm_kit::privacy::TextMasker>> = match &config.profiles_url {
+        Some(url) => Some(Arc::new(
+            crm_kit::privacy::ProfilesMasker::new(url, outgoing.clone(), config.call_timeout)
+                .map_err(|e| wiring("FEEDBACK_PROFILES_URL", e))?,
+        )),
+        None => None,
+    };
     let profiles: Option<Arc<dyn Profiles>> = match &config.profiles_url {
         Some(url) => Some(Arc::new(
             ProfilesClient::new(url, outgoing.clone(), config.call_timeout)
@@ -214,7 +223,9 @@ pub fn desk(kit: &Kit, config: &FeedbackConfig, clock: Arc<dyn Clock>) -> Result
         None => None,
     };
     if profiles.is_none() {
-        tracing::warn!("FEEDBACK_PROFILES_URL is not set: customers of feedback are not checked");
+        tracing::warn!(
+            "FEEDBACK_PROFILES_URL is not set: customers of feedback are not checked, and callers without pii:read see free text withheld"
+        );
     }
     let metrics = FeedbackMetrics::default();
     metrics.register(&kit.metrics);
@@ -226,6 +237,7 @@ pub fn desk(kit: &Kit, config: &FeedbackConfig, clock: Arc<dyn Clock>) -> Result
         clock,
         profiles,
         outreach,
+        masker,
         settings: config.settings.clone(),
         metrics,
         calls_in_flight: Arc::new(tokio::sync::Semaphore::new(desk::MAX_CALLS_IN_FLIGHT)),

@@ -68,6 +68,8 @@ impl EventHandler for ProfilesEvents {
             .bind(&ids)
             .execute(&mut *tx)
             .await?;
+            // SEC-5: stored first responses (feedback texts, comments, notes) go too.
+            crm_kit::idempotency::forget_customers(tx, &ids).await?;
             confirm_erasure(tx, SERVICE, &e.customer_id, &event.envelope.request_id).await?;
         }
         Ok(())

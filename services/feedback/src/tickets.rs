@@ -671,6 +671,23 @@ pub async fn load_many(conn: &mut PgConnection, desk: &Desk, ids: &[Uuid]) -> Re
     Ok(out)
 }
 
+/// OUT-5, REL-6: which of `customers` have a complaint ticket not yet
+/// resolved or verified, as recorded now.
+pub async fn customers_with_open_complaints(
+    conn: &mut PgConnection,
+    customers: &[Uuid],
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    let closed: Vec<i16> = State::ALL.into_iter().filter(|s| !s.is_open()).map(State::code).collect();
+    sqlx::query_scalar(
+        "SELECT DISTINCT customer_id FROM tickets WHERE customer_id = ANY($1) AND category = $2 AND NOT (state = ANY($3))",
+    )
+    .bind(customers)
+    .bind(wire::category_code(Category::ServiceComplaint))
+    .bind(&closed)
+    .fetch_all(conn)
+    .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

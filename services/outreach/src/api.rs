@@ -8,7 +8,8 @@ use std::sync::Arc;
 use chrono::{DateTime, Duration, Utc};
 use chrono_tz::Tz;
 use crm_kit::idempotency::{self, Claim};
-use crm_kit::{ApiError, FieldViolations, IntoGrpc, outbox, paging};
+use crm_kit::privacy::TextMasker;
+use crm_kit::{ApiError, Caller, FieldViolations, IntoGrpc, outbox, paging};
 use crm_proto::common::v1::{Channel, Purpose, Tier};
 use crm_proto::outreach::v1 as pb;
 use crm_proto::outreach::v1::outreach_service_server::OutreachService;
@@ -21,7 +22,7 @@ use uuid::Uuid;
 use crate::domain::{campaign, channel, task, template};
 use crate::messages::{COLUMNS, MessageRow, cny, state, ts};
 use crate::tasks::{self, TaskRow};
-use crate::{SERVICE, campaigns, dispatch, settings, templates};
+use crate::{SERVICE, campaigns, dispatch, privacy, settings, templates};
 
 const SVC: &str = "/crm.outreach.v1.OutreachService/";
 const MAX_NAME: usize = 200;
@@ -47,6 +48,8 @@ pub struct OutreachApi {
     default_tz: Tz,
     wake: Arc<Notify>,
     adapters: Vec<String>,
+    /// Masks task notes for callers without `pii:read` (SEC-4); None: withheld.
+    masker: Option<Arc<dyn TextMasker>>,
 }
 
 fn parse_id(field: &str, value: &str) -> Result<Uuid, ApiError> {
@@ -117,7 +120,19 @@ fn check_etag(given: &str, version: i64) -> Result<(), ApiError> {
 impl OutreachApi {
     /// An API over the pool; `wake` tells the delivery worker there is work.
     pub fn new(pg: PgPool, default_tz: Tz, wake: Arc<Notify>, adapters: Vec<String>) -> Self {
-        Self { pg, default_tz, wake, adapters }
+        Self { pg, default_tz, wake, adapters, masker: None }
+    }
+
+    /// Masks free text for callers without `pii:read` through `masker` (profiles).
+    pub fn with_masker(mut self, masker: Option<Arc<dyn TextMasker>>) -> Self {
+        self.masker = masker;
+        self
+    }
+
+    /// A task as `caller` may see it (SEC-4).
+    async fn shown(&self, caller: &Caller, mut t: pb::Task) -> Result<pb::Task, ApiError> {
+        privacy::tasks(self.masker.as_deref(), caller, std::slice::from_mut(&mut t)).await;
+        Ok(t)
     }
 
     // ---- channels -------------------------------------------------------
@@ -446,17 +461,24 @@ impl OutreachApi {
             ApiError::NotFound { .. } => ApiError::invalid("template_id", "no such template"),
             e => e,
         })?;
-        // OUT-2: every variable the template needs must be known before it is queued.
+        // OUT-2: every variable the template needs must be known before it is queued;
+        // OUT-6: the caller gives only the free ones it declares.
         let bodies = templates::parse_bodies(&t.bodies, "template.bodies")?;
-        let derived = ["name", "tier", "discount", "points", "coupon_value"];
-        for needed in template::variables_of(&bodies) {
-            if !derived.contains(&needed.as_str()) && !variables.contains_key(&needed) {
-                return Err(ApiError::invalid(
-                    "variables",
-                    format!("the template needs {{{{{needed}}}}}; give it in variables"),
-                ));
+        let used = template::variables_of(&bodies);
+        let mut v = FieldViolations::new();
+        // A client's SendMessage names only what the template uses; the
+        // acknowledgements pass both feedback and ticket ids to either template.
+        for given in variables.keys().filter(|_| scope == "SendMessage") {
+            if !used.contains(given) {
+                v.add(format!("variables[{given}]"), "is not used by the template");
             }
         }
+        for needed in &used {
+            if template::is_free(needed) && !variables.contains_key(needed) {
+                v.add("variables", format!("the template needs {{{{{needed}}}}}; give it in variables"));
+            }
+        }
+        v.into_result()?;
         let live = crm_kit::db::live_customer(&mut tx, customer).await?.unwrap_or(customer);
         let preferred: Option<i16> =
             sqlx::query_scalar("SELECT preferred_channel FROM customers WHERE customer_id = $1")
@@ -1301,7 +1323,7 @@ impl OutreachApi {
         let out = row.to_wire();
         if completed {
             let tid = id.to_string();
-            let event = pb::TaskCompleted { task: Some(out.clone()) };
+            let event = pb::TaskCompleted { task: Some(crate::privacy::task_event(out.clone())) };
             outbox::enqueue(&mut tx, SERVICE, outbox::Aggregate { kind: "task", id: &tid }, &req.request_id, &event)
                 .await?;
         }
@@ -1360,10 +1382,14 @@ pub const ATTRIBUTION_DAYS: i64 = 7;
 
 fn check_variables(v: &mut FieldViolations, vars: &std::collections::BTreeMap<String, String>) {
     if vars.len() > 20 {
+        // REL-5: no per-item work on a map over its limit.
         v.add("variables", "at most 20 variables");
+        return;
     }
     for (k, value) in vars {
-        if !template::VARIABLES.iter().any(|(name, _)| name == k) {
+        if template::COMPUTED.contains(&k.as_str()) {
+            v.add(format!("variables[{k}]"), "is computed by the offer rules (OUT-6) and cannot be set");
+        } else if !template::is_free(k) {
             v.add(format!("variables[{k}]"), "is not a template variable");
         } else if value.len() > 500 {
             v.add(format!("variables[{k}]"), "is longer than 500 bytes");
@@ -1430,24 +1456,47 @@ impl OutreachService for OutreachApi {
         self.transition(r.into_inner()).await.into_grpc(SERVICE)
     }
     async fn send_message(&self, r: Request<pb::SendMessageRequest>) -> Reply<pb::SendMessageResponse> {
-        self.send_message(r.into_inner()).await.into_grpc(SERVICE)
+        let caller = Caller::or_nobody(&r);
+        let mut out = self.send_message(r.into_inner()).await;
+        if let Ok(o) = out.as_mut() {
+            privacy::messages(&caller, o.message.as_mut().map(std::slice::from_mut).unwrap_or_default());
+        }
+        out.into_grpc(SERVICE)
     }
     async fn acknowledge_feedback(&self, r: Request<pb::AcknowledgeFeedbackRequest>) -> Reply<pb::SendMessageResponse> {
-        self.acknowledge(r.into_inner()).await.into_grpc(SERVICE)
+        let caller = Caller::or_nobody(&r);
+        let mut out = self.acknowledge(r.into_inner()).await;
+        if let Ok(o) = out.as_mut() {
+            privacy::messages(&caller, o.message.as_mut().map(std::slice::from_mut).unwrap_or_default());
+        }
+        out.into_grpc(SERVICE)
     }
     async fn get_message(&self, r: Request<pb::GetMessageRequest>) -> Reply<pb::Message> {
+        let caller = Caller::or_nobody(&r);
         let work = async {
             let id = parse_id("message_id", &r.get_ref().message_id)?;
             let mut conn = self.pg.acquire().await?;
-            Ok(self.message_in(&mut conn, id).await?.to_wire())
+            let mut m = self.message_in(&mut conn, id).await?.to_wire();
+            privacy::messages(&caller, std::slice::from_mut(&mut m));
+            Ok(m)
         };
         work.await.into_grpc(SERVICE)
     }
     async fn list_messages(&self, r: Request<pb::ListMessagesRequest>) -> Reply<pb::ListMessagesResponse> {
-        self.list_messages(r.into_inner()).await.into_grpc(SERVICE)
+        let caller = Caller::or_nobody(&r);
+        let mut out = self.list_messages(r.into_inner()).await;
+        if let Ok(o) = out.as_mut() {
+            privacy::messages(&caller, &mut o.messages);
+        }
+        out.into_grpc(SERVICE)
     }
     async fn retry_message(&self, r: Request<pb::RetryMessageRequest>) -> Reply<pb::Message> {
-        self.retry_message(r.into_inner()).await.into_grpc(SERVICE)
+        let caller = Caller::or_nobody(&r);
+        let mut out = self.retry_message(r.into_inner()).await;
+        if let Ok(m) = out.as_mut() {
+            privacy::messages(&caller, std::slice::from_mut(m));
+        }
+        out.into_grpc(SERVICE)
     }
     async fn record_outcome(&self, r: Request<pb::RecordOutcomeRequest>) -> Reply<pb::RecordOutcomeResponse> {
         self.record_outcome(r.into_inner()).await.into_grpc(SERVICE)
@@ -1472,20 +1521,33 @@ impl OutreachService for OutreachApi {
         self.offer(r.into_inner()).await.into_grpc(SERVICE)
     }
     async fn create_task(&self, r: Request<pb::CreateTaskRequest>) -> Reply<pb::Task> {
-        self.create_task(r.into_inner()).await.into_grpc(SERVICE)
+        let caller = Caller::or_nobody(&r);
+        let work = async { self.shown(&caller, self.create_task(r.into_inner()).await?).await };
+        work.await.into_grpc(SERVICE)
     }
     async fn get_task(&self, r: Request<pb::GetTaskRequest>) -> Reply<pb::Task> {
+        let caller = Caller::or_nobody(&r);
         let work = async {
             let id = parse_id("task_id", &r.get_ref().task_id)?;
             let mut conn = self.pg.acquire().await?;
-            Ok(self.task_in(&mut conn, id, false).await?.to_wire())
+            let t = self.task_in(&mut conn, id, false).await?.to_wire();
+            drop(conn);
+            self.shown(&caller, t).await
         };
         work.await.into_grpc(SERVICE)
     }
     async fn list_tasks(&self, r: Request<pb::ListTasksRequest>) -> Reply<pb::ListTasksResponse> {
-        self.list_tasks(r.into_inner()).await.into_grpc(SERVICE)
+        let caller = Caller::or_nobody(&r);
+        let work = async {
+            let mut out = self.list_tasks(r.into_inner()).await?;
+            privacy::tasks(self.masker.as_deref(), &caller, &mut out.tasks).await;
+            Ok(out)
+        };
+        work.await.into_grpc(SERVICE)
     }
     async fn update_task(&self, r: Request<pb::UpdateTaskRequest>) -> Reply<pb::Task> {
-        self.update_task(r.into_inner()).await.into_grpc(SERVICE)
+        let caller = Caller::or_nobody(&r);
+        let work = async { self.shown(&caller, self.update_task(r.into_inner()).await?).await };
+        work.await.into_grpc(SERVICE)
     }
 }

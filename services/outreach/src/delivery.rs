@@ -30,10 +30,10 @@ use sha2::Sha256;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::SERVICE;
 use crate::directory::Directory;
 use crate::domain::{campaign, channel, template};
 use crate::messages::{COLUMNS, MessageRow, state};
+use crate::{SERVICE, privacy};
 
 /// A rendered message on its way to a provider.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -415,7 +415,8 @@ impl Deliverer {
                     values.insert("campaign_name".into(), name.clone());
                 }
                 if let Some(extra) = row.variables.as_object() {
-                    for (k, v) in extra {
+                    // OUT-6: what the rules computed wins over anything stored with the message.
+                    for (k, v) in extra.iter().filter(|(k, _)| template::is_free(k)) {
                         values.insert(k.clone(), v.as_str().unwrap_or_default().to_string());
                     }
                 }
@@ -449,7 +450,7 @@ impl Deliverer {
                     m.sent_at = Some(now);
                     events.push((
                         m.customer_id.to_string(),
-                        pb::MessageSent { message: Some(m.to_wire()), holdout: false },
+                        pb::MessageSent { message: Some(privacy::message_event(m.to_wire())), holdout: false },
                     ));
                 }
                 Err(SendError::Transient(e)) if row.attempts < self.max_attempts => {
@@ -482,7 +483,10 @@ impl Deliverer {
             let mut m = l.row;
             m.state = state::SENT;
             m.sent_at = Some(now);
-            events.push((m.customer_id.to_string(), pb::MessageSent { message: Some(m.to_wire()), holdout: false }));
+            events.push((
+                m.customer_id.to_string(),
+                pb::MessageSent { message: Some(privacy::message_event(m.to_wire())), holdout: false },
+            ));
         }
         sqlx::query("UPDATE messages SET state = $2, sent_at = $3, lease_until = NULL, last_error = '' WHERE message_id = ANY($1)")
             .bind(&sent_ids)

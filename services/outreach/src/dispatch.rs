@@ -316,8 +316,10 @@ impl Decided {
             m.rule = d.rule.to_string();
             m.detail = d.detail.clone();
             m.decided_at = Some(now);
-            self.suppressed
-                .push((row.customer_id.to_string(), pb::MessageSent { message: Some(m.to_wire()), holdout: false }));
+            self.suppressed.push((
+                row.customer_id.to_string(),
+                pb::MessageSent { message: Some(crate::privacy::message_event(m.to_wire())), holdout: false },
+            ));
         }
     }
 

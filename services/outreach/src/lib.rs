@@ -13,6 +13,7 @@ pub mod dispatch;
 pub mod domain;
 pub mod jobs;
 pub mod messages;
+pub mod privacy;
 pub mod read_model;
 pub mod settings;
 pub mod smtp;
@@ -255,7 +256,15 @@ pub fn build(kit: &Kit, config: &OutreachConfig) -> Parts {
     };
     let deliver_wake = Arc::new(Notify::new());
     let dispatch_wake = Arc::new(Notify::new());
-    let api = api::OutreachApi::new(kit.pg.clone(), config.default_timezone, deliver_wake.clone(), configured);
+    let masker: Option<Arc<dyn crm_kit::privacy::TextMasker>> = config.profiles_url.as_deref().and_then(|url| {
+        let outgoing = crm_kit::client::Outgoing::new(&kit.auth, SERVICE);
+        crm_kit::privacy::ProfilesMasker::new(url, outgoing, std::time::Duration::from_secs(2))
+            .map(|m| Arc::new(m) as Arc<dyn crm_kit::privacy::TextMasker>)
+            .map_err(|e| tracing::error!(error = %e, "OUTREACH_PROFILES_URL unusable: task notes are withheld from callers without pii:read"))
+            .ok()
+    });
+    let api = api::OutreachApi::new(kit.pg.clone(), config.default_timezone, deliver_wake.clone(), configured)
+        .with_masker(masker);
     Parts { api, deliverer, dispatch_wake, deliver_wake }
 }
 

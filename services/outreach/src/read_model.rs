@@ -185,16 +185,24 @@ impl ReadModel {
             .bind(at)
             .execute(&mut *tx)
             .await?;
-            sqlx::query("UPDATE messages SET variables = '{}' WHERE customer_id = ANY($1)")
+            // SEC-5: every copy of what was said to or about them: variables,
+            // errors echoing an address, task notes, rendered messages kept
+            // by the sink, stored first responses.
+            sqlx::query("UPDATE messages SET variables = '{}', last_error = '' WHERE customer_id = ANY($1)")
                 .bind(&ids)
                 .execute(&mut *tx)
                 .await?;
             sqlx::query(
-                "UPDATE tasks SET customer_feedback = '', problem = '', next_action = '' WHERE customer_id = ANY($1)",
+                "UPDATE tasks SET reason = '', customer_feedback = '', problem = '', next_action = '' WHERE customer_id = ANY($1)",
             )
             .bind(&ids)
             .execute(&mut *tx)
             .await?;
+            sqlx::query("UPDATE sink_deliveries SET subject = '', body = '' WHERE customer_id = ANY($1)")
+                .bind(&ids)
+                .execute(&mut *tx)
+                .await?;
+            crm_kit::idempotency::forget_customers(tx, &ids).await?;
             confirm_erasure(tx, SERVICE, &e.customer_id, &event.envelope.request_id).await?;
         } else {
             return Ok(false);

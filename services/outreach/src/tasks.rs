@@ -96,7 +96,7 @@ pub async fn create_in(tx: &mut PgConnection, t: NewTask, request_id: &str) -> R
         .await?;
     match created {
         Some(row) => {
-            let event = pb::TaskCreated { task: Some(row.to_wire()) };
+            let event = pb::TaskCreated { task: Some(crate::privacy::task_event(row.to_wire())) };
             let id = row.task_id.to_string();
             outbox::enqueue(tx, SERVICE, outbox::Aggregate { kind: "task", id: &id }, request_id, &event).await?;
             Ok(row)

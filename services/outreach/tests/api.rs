@@ -17,6 +17,7 @@ struct App {
     url: String,
     pool: sqlx::PgPool,
     shutdown: crm_kit::lifecycle::Shutdown,
+    masker: std::sync::Arc<crm_kit::testing::NamesMasker>,
 }
 
 impl Drop for App {
@@ -37,17 +38,23 @@ async fn start() -> App {
     let url = format!("http://{}", listener.local_addr().expect("addr"));
     let pool = kit.pg.clone();
     let shutdown = kit.shutdown_handle();
-    let routes = tonic::service::Routes::new(pb::outreach_service_server::OutreachServiceServer::new(parts.api));
+    let masker = std::sync::Arc::new(crm_kit::testing::NamesMasker::default());
+    let api = parts.api.with_masker(Some(masker.clone()));
+    let routes = tonic::service::Routes::new(pb::outreach_service_server::OutreachServiceServer::new(api));
     tokio::spawn(kit.serve_on(listener, routes, crm_outreach::access_policy()));
-    App { url, pool, shutdown }
+    App { url, pool, shutdown, masker }
 }
 
 type Client = OutreachServiceClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>>;
 
 fn client(app: &App, roles: &[Role]) -> Client {
+    client_with(app, roles, false)
+}
+
+fn client_with(app: &App, roles: &[Role], pii: bool) -> Client {
     OutreachServiceClient::with_interceptor(
         crm_kit::client::channel(&app.url).expect("channel"),
-        Bearer::minted(roles, false),
+        Bearer::minted(roles, pii),
     )
 }
 
@@ -771,4 +778,149 @@ async fn a_dead_lettered_message_is_retried_with_the_same_key() {
         .await
         .expect_err("no longer dead");
     assert_eq!(again.code(), Code::FailedPrecondition);
+}
+
+#[tokio::test]
+async fn out6_callers_fill_only_free_variables_and_offer_values_stay_computed() {
+    let app = start().await;
+    let mut admin = client(&app, &[Role::Admin]);
+    admin
+        .update_contact_policy(pb::UpdateContactPolicyRequest {
+            policy: Some(pb::ContactPolicy::default()),
+            update_mask: mask(&["quiet_start", "quiet_end"]),
+            etag: String::new(),
+            request_id: rid(),
+        })
+        .await
+        .expect("policy");
+    let t = admin
+        .create_template(pb::CreateTemplateRequest {
+            template: Some(template(Channel::Sms, vec![body("en", "{{discount}} off with code {{offer_code}}")])),
+            request_id: rid(),
+        })
+        .await
+        .expect("template")
+        .into_inner();
+    let customer = audience(&app.pool, Uuid::now_v7(), Tier::Gold, 1).await[0];
+    let mut agent = client(&app, &[Role::Agent]);
+    let send = |vars: &[(&str, &str)]| pb::SendMessageRequest {
+        customer_id: customer.to_string(),
+        channel: Channel::Sms as i32,
+        template_id: t.template_id.clone(),
+        variables: vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        request_id: rid(),
+    };
+    // Issue 22: an agent could send "90 % off" by overriding the computed offer.
+    let e = agent.send_message(send(&[("discount", "90%"), ("offer_code", "X")])).await.expect_err("computed");
+    assert_eq!(bad_fields(&e), ["variables[discount]"]);
+    assert!(e.message().contains("OUT-6"), "{}", e.message());
+    for computed in ["name", "tier", "points", "coupon_value", "campaign_name"] {
+        let e = agent.send_message(send(&[(computed, "x"), ("offer_code", "X")])).await.expect_err(computed);
+        assert_eq!(bad_fields(&e), [format!("variables[{computed}]")]);
+    }
+    let e = agent.send_message(send(&[("offer_code", "X"), ("ticket_id", "T-1")])).await.expect_err("unused");
+    assert_eq!(bad_fields(&e), ["variables[ticket_id]"], "only variables the template declares");
+    let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM messages").fetch_one(&app.pool).await.expect("count");
+    assert_eq!(queued, 0, "nothing stored");
+
+    let sent = agent.send_message(send(&[("offer_code", "AUTUMN")])).await.expect("send").into_inner();
+    let id = Uuid::parse_str(&sent.message.expect("message").message_id).expect("id");
+    // A message stored with an offer value (say, by an older release) still renders the computed one.
+    let forged = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO messages (message_id, customer_id, channel, template_id, purpose, state, due_at, expires_at, locale, variables) \
+         VALUES ($1, $2, 1, $3, 2, 1, now(), now() + interval '1 day', 'en', '{\"discount\": \"90%\", \"offer_code\": \"OLD\"}')",
+    )
+    .bind(forged)
+    .bind(customer)
+    .bind(Uuid::parse_str(&t.template_id).expect("template id"))
+    .execute(&app.pool)
+    .await
+    .expect("stored message");
+    let pool = app.pool.clone();
+    let mut bodies: Vec<String> = Vec::new();
+    wait_for("both messages in the sink", async || {
+        bodies = sqlx::query_scalar(
+            "SELECT body FROM sink_deliveries WHERE idempotency_key = ANY($1) ORDER BY idempotency_key",
+        )
+        .bind(vec![id, forged])
+        .fetch_all(&pool)
+        .await
+        .expect("sink");
+        bodies.len() == 2
+    })
+    .await;
+    assert_eq!(
+        bodies,
+        ["15% off with code AUTUMN", "15% off with code OLD"],
+        "GOLD's 15 % (OUT-6), whatever was stored"
+    );
+}
+
+#[tokio::test]
+async fn sec4_task_notes_and_errors_are_masked_without_pii_read_and_left_out_of_events() {
+    let app = start().await;
+    let customer = Uuid::now_v7();
+    app.masker.name(&customer.to_string(), "Wei Li");
+    let mut agent = client(&app, &[Role::Agent]);
+    let mut reader = client_with(&app, &[Role::Admin], true);
+    let said = "Wei Li asked to call 139 1234 5678 or write to wei.li@example.com";
+    let task = agent
+        .create_task(pb::CreateTaskRequest {
+            task: Some(pb::Task {
+                customer_id: customer.to_string(),
+                kind: pb::TaskKind::CallBack as i32,
+                owner: "agent-7".into(),
+                due_time: Some(prost_types::Timestamp { seconds: chrono::Utc::now().timestamp() + 3600, nanos: 0 }),
+                reason: said.into(),
+                ..Default::default()
+            }),
+            request_id: rid(),
+        })
+        .await
+        .expect("task")
+        .into_inner();
+    let masked = "W*** Li asked to call 139****5678 or write to w***@example.com";
+    assert_eq!(task.reason, masked);
+    let get = || pb::GetTaskRequest { task_id: task.task_id.clone() };
+    assert_eq!(agent.get_task(get()).await.expect("get").into_inner().reason, masked);
+    assert_eq!(reader.get_task(get()).await.expect("get").into_inner().reason, said);
+    let listed = agent
+        .list_tasks(pb::ListTasksRequest { customer_id: customer.to_string(), ..Default::default() })
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(listed.tasks[0].reason, masked);
+    app.masker.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(agent.get_task(get()).await.expect("get").into_inner().reason, crm_kit::privacy::WITHHELD);
+    let in_events: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM kit_outbox WHERE position(convert_to('5678', 'UTF8') IN envelope) > 0",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .expect("outbox");
+    assert_eq!(in_events, 0, "TaskCreated carries no notes (SEC-5)");
+
+    // A relay that refused the address echoed it in the error.
+    let id = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO messages (message_id, customer_id, channel, template_id, purpose, state, due_at, expires_at, locale, variables, \
+                               attempts, last_error, decided_at) \
+         VALUES ($1, $2, 2, $3, 1, 6, now(), now() + interval '1 day', 'en', '{}', 5, '550 mailbox wei.li@example.com unknown', now())",
+    )
+    .bind(id)
+    .bind(customer)
+    .bind(crm_outreach::api::ACK_TEMPLATE)
+    .execute(&app.pool)
+    .await
+    .expect("dead letter");
+    let m = || pb::GetMessageRequest { message_id: id.to_string() };
+    assert_eq!(
+        agent.get_message(m()).await.expect("get").into_inner().last_error,
+        "550 mailbox w***@example.com unknown"
+    );
+    assert_eq!(
+        reader.get_message(m()).await.expect("get").into_inner().last_error,
+        "550 mailbox wei.li@example.com unknown"
+    );
 }

@@ -637,7 +637,11 @@ impl ProfilesApi {
         Ok(response)
     }
 
-    async fn timeline(&self, req: pb::ListTimelineRequest) -> Result<pb::ListTimelineResponse, ApiError> {
+    async fn timeline(
+        &self,
+        caller: &Caller,
+        req: pb::ListTimelineRequest,
+    ) -> Result<pb::ListTimelineResponse, ApiError> {
         let mut v = FieldViolations::new();
         let id = v.check("customer_id", parse_id("customer_id", &req.customer_id).map_err(|e| summary(&e)));
         let size = v.check("page_size", paging::page_size(req.page_size).map_err(|e| summary(&e))).unwrap_or(50);
@@ -670,6 +674,14 @@ impl ProfilesApi {
             None => None,
         };
         let mut entries = store::timeline(&mut conn, &ids, &req.kinds, r, cursor.as_ref(), size + 1).await?;
+        if !caller.can_read_pii() {
+            // SEC-4: an interaction's note may name the customer or give a number.
+            let names: Vec<String> = store::names_of(&mut conn, &ids).await?.into_values().flatten().collect();
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            for e in &mut entries {
+                e.summary = crm_kit::privacy::mask_text(&e.summary, &names);
+            }
+        }
         let more = entries.len() > size;
         entries.truncate(size);
         let next_page_token = match (more, entries.last()) {
@@ -858,21 +870,17 @@ impl ProfilesApi {
         };
         let id = self.live_customer(&mut tx, "customer_id", &req.customer_id).await?;
         let ids = store::identity_set(&mut tx, id).await?;
+        // Whatever the stated reason says about the person is masked before it is kept.
+        let names: Vec<String> = store::names_of(&mut tx, &ids).await?.into_values().flatten().collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let reason = crm_kit::privacy::mask_text(req.reason.trim(), &names);
         // PRF-8: idempotent — a second erasure of the same customer changes nothing and emits nothing.
-        let first: bool = sqlx::query_scalar(
-            "WITH ins AS (INSERT INTO erasures (customer_id, requested_by, reason) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING RETURNING 1) \
-             SELECT count(*) = 1 FROM ins",
-        )
-        .bind(id)
-        .bind(&caller.subject)
-        .bind(req.reason.trim())
-        .fetch_one(&mut *tx)
-        .await?;
+        let first = store::record_erasure(&mut tx, id, &caller.subject, &reason).await?;
         let now = Utc::now();
         if first {
-            store::erase(&mut tx, &ids, now).await?;
+            store::erase(&mut tx, &ids, &names, now).await?;
             // Stored first responses of idempotent mutations may hold the record: they go too.
-            store::purge_idempotent_responses(&mut tx, &ids).await?;
+            crm_kit::idempotency::forget_customers(&mut tx, &ids).await?;
             sqlx::query("INSERT INTO erasure_confirmations (customer_id, service) VALUES ($1, 'profiles') ON CONFLICT DO NOTHING")
                 .bind(id)
                 .execute(&mut *tx)
@@ -1048,7 +1056,8 @@ impl ProfilesService for ProfilesApi {
     }
 
     async fn list_timeline(&self, request: Request<pb::ListTimelineRequest>) -> Reply<pb::ListTimelineResponse> {
-        self.timeline(request.into_inner()).await.into_grpc(SERVICE)
+        let caller = caller(&request)?;
+        self.timeline(&caller, request.into_inner()).await.into_grpc(SERVICE)
     }
 
     async fn get_consent(&self, request: Request<pb::GetConsentRequest>) -> Reply<pb::ConsentState> {

@@ -669,7 +669,9 @@ pub async fn audit(
     .bind(subject)
     .bind(customer)
     .bind(method)
-    .bind(purpose)
+    // The audit is append-only and outlives an erasure: a phone or e-mail
+    // written into a purpose is masked before it is kept (SEC-5).
+    .bind(crm_kit::privacy::mask_text(purpose, &[]))
     .bind(trace_id)
     .execute(conn)
     .await?;
@@ -719,23 +721,47 @@ pub async fn audit_entries(
         .collect()
 }
 
-/// PRF-8: deletes stored first responses of idempotent mutations that
-/// mention these customers (an encoded response holds the id verbatim).
-pub async fn purge_idempotent_responses(conn: &mut PgConnection, ids: &[Uuid]) -> Result<u64, sqlx::Error> {
-    let needles: Vec<String> = ids.iter().map(|id| id.to_string()).collect();
-    Ok(sqlx::query(
-        "DELETE FROM kit_idempotency k WHERE EXISTS \
-         (SELECT 1 FROM UNNEST($1::text[]) AS n WHERE position(convert_to(n, 'UTF8') IN k.response) > 0)",
+/// PRF-8: records the erasure request; false if the customer was erased already.
+pub async fn record_erasure(conn: &mut PgConnection, id: Uuid, by: &str, reason: &str) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "WITH ins AS (INSERT INTO erasures (customer_id, requested_by, reason) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING RETURNING 1) \
+         SELECT count(*) = 1 FROM ins",
     )
-    .bind(&needles)
-    .execute(conn)
-    .await?
-    .rows_affected())
+    .bind(id)
+    .bind(by)
+    .bind(reason)
+    .fetch_one(&mut *conn)
+    .await
 }
 
-/// PRF-8: removes personal data of `ids` irreversibly; keeps the rows (and
-/// aggregates without identity: transactions) so history stays consistent.
-pub async fn erase(conn: &mut PgConnection, ids: &[Uuid], now: DateTime<Utc>) -> Result<(), sqlx::Error> {
+/// PRF-8, SEC-5: removes personal data of `ids` irreversibly; keeps the rows
+/// (and aggregates without identity: transactions) so history stays
+/// consistent. The merges they took part in keep who and when; their
+/// snapshots of the records go (such a merge cannot be undone any more) and
+/// their stated reasons are masked with the customers' `names`.
+pub async fn erase(
+    conn: &mut PgConnection,
+    ids: &[Uuid],
+    names: &[&str],
+    now: DateTime<Utc>,
+) -> Result<(), sqlx::Error> {
+    let reasons: Vec<(Uuid, String, Option<String>)> = sqlx::query_as(
+        "SELECT merge_id, reason, undo_reason FROM merges WHERE survivor_id = ANY($1) OR loser_id = ANY($1)",
+    )
+    .bind(ids)
+    .fetch_all(&mut *conn)
+    .await?;
+    for (merge, reason, undo) in reasons {
+        sqlx::query(
+            "UPDATE merges SET survivor_before = '', survivor_after = '', consent_before = '', reason = $2, undo_reason = $3 \
+             WHERE merge_id = $1",
+        )
+        .bind(merge)
+        .bind(crm_kit::privacy::mask_text(&reason, names))
+        .bind(undo.map(|u| crm_kit::privacy::mask_text(&u, names)))
+        .execute(&mut *conn)
+        .await?;
+    }
     sqlx::query(
         "UPDATE customers SET name = 'erased', phone = NULL, email = NULL, birth_year = NULL, birth_month = NULL, birth_day = NULL, \
          gender = 0, address = NULL, tags = '{}', attributes = '', organization = NULL, erased_at = COALESCE(erased_at, $2), \

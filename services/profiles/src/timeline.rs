@@ -17,8 +17,8 @@ use uuid::Uuid;
 use crate::cache::ProfileCache;
 use crate::store;
 
-/// The services whose events profiles reads.
-pub const SOURCES: &[&str] = &["outreach", "feedback", "segmentation"];
+/// The services whose events profiles reads (analytics: its erasure confirmations).
+pub const SOURCES: &[&str] = &["outreach", "feedback", "segmentation", "analytics"];
 
 /// One entry for `timeline_external`.
 struct Entry<'a> {

@@ -270,3 +270,41 @@ async fn rel6_batch_get_consent_answers_with_the_consent_in_force_now() {
         .expect_err("too many");
     assert_eq!(bad_fields(&err), ["customer_ids"]);
 }
+
+#[tokio::test]
+async fn sec4_interaction_notes_on_the_timeline_are_masked_without_pii_read() {
+    let app = common::start().await;
+    let c = create(&mut app.admin(), person("张三丰", "+8613812345678", "zhang@example.com")).await;
+    app.admin()
+        .batch_record_interactions(pb::BatchRecordInteractionsRequest {
+            interactions: vec![pb::Interaction {
+                interaction_id: "note-1".into(),
+                customer_id: c.customer_id.clone(),
+                kind: pb::InteractionKind::Inquiry as i32,
+                occurred_at: common::ts(1_760_000_000),
+                note: "张三丰 asks to be called on 13812345678".into(),
+                ..Default::default()
+            }],
+            request_id: "notes".into(),
+        })
+        .await
+        .expect("interaction");
+    let timeline = |mut client: common::Client| {
+        let id = c.customer_id.clone();
+        async move {
+            client
+                .list_timeline(pb::ListTimelineRequest { customer_id: id, page_size: 10, ..Default::default() })
+                .await
+                .expect("timeline")
+                .into_inner()
+                .entries
+                .into_iter()
+                .map(|e| e.summary)
+                .collect::<Vec<_>>()
+        }
+    };
+    let agent = timeline(app.client(&[Role::Agent], false)).await;
+    assert!(agent.iter().any(|s| s.ends_with("张** asks to be called on 138****5678")), "{agent:?}");
+    let reader = timeline(app.client(&[Role::Agent], true)).await;
+    assert!(reader.iter().any(|s| s.ends_with("张三丰 asks to be called on 13812345678")), "{reader:?}");
+}

@@ -386,6 +386,7 @@ impl EventHandler for ReadModel {
             .execute(&mut *tx)
             .await?;
             mark_dirty(tx, &ids).await?;
+            crm_kit::idempotency::forget_customers(tx, &ids).await?;
             confirm_erasure(tx, SERVICE, &e.customer_id, &event.envelope.request_id).await?;
         }
         Ok(())

@@ -78,6 +78,7 @@ pub struct App {
     pub clock: Arc<ManualClock>,
     pub profiles: Arc<FakeProfiles>,
     pub outreach: Arc<FakeOutreach>,
+    pub masker: Arc<crm_kit::testing::NamesMasker>,
     shutdown: crm_kit::lifecycle::Shutdown,
 }
 
@@ -107,6 +108,7 @@ pub async fn start_at(at: DateTime<Utc>) -> App {
     let clock = Arc::new(ManualClock::at(at));
     let profiles = Arc::new(FakeProfiles::default());
     let outreach = Arc::new(FakeOutreach::default());
+    let masker = Arc::new(crm_kit::testing::NamesMasker::default());
     let desk = Desk {
         pool: kit.pg.clone(),
         classifier: crm_feedback::classifier().expect("classifier"),
@@ -115,6 +117,7 @@ pub async fn start_at(at: DateTime<Utc>) -> App {
         clock: clock.clone(),
         profiles: Some(profiles.clone()),
         outreach: Some(outreach.clone()),
+        masker: Some(masker.clone()),
         settings: Settings { call_lease: chrono::Duration::seconds(5), ..Settings::default() },
         metrics: FeedbackMetrics::default(),
         calls_in_flight: Arc::new(tokio::sync::Semaphore::new(crm_feedback::desk::MAX_CALLS_IN_FLIGHT)),
@@ -127,16 +130,21 @@ pub async fn start_at(at: DateTime<Utc>) -> App {
         crm_feedback::api::FeedbackApi::new(desk.clone()),
     ));
     tokio::spawn(kit.serve_on(listener, routes, crm_feedback::access_policy()));
-    App { url, pool, desk, clock, profiles, outreach, shutdown }
+    App { url, pool, desk, clock, profiles, outreach, masker, shutdown }
 }
 
 pub type Client =
     FeedbackServiceClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>>;
 
 pub fn client(app: &App, roles: &[Role]) -> Client {
+    client_with(app, roles, false)
+}
+
+/// A client whose token carries `pii:read` when `pii`.
+pub fn client_with(app: &App, roles: &[Role], pii: bool) -> Client {
     FeedbackServiceClient::with_interceptor(
         crm_kit::client::channel(&app.url).expect("channel"),
-        Bearer::minted(roles, false),
+        Bearer::minted(roles, pii),
     )
 }
 

@@ -21,6 +21,16 @@ pub const VARIABLES: &[(&str, &str)] = &[
     ("feedback_id", "the feedback item (acknowledgements)"),
 ];
 
+/// OUT-6: variables the rules compute (the offer of the customer's tier,
+/// the name read from profiles at send time, the campaign's own name). A
+/// caller never sets them: an agent cannot promise "90 % off".
+pub const COMPUTED: &[&str] = &["name", "tier", "discount", "points", "coupon_value", "campaign_name"];
+
+/// Whether a caller may give `name` a value: a known variable the rules do not compute.
+pub fn is_free(name: &str) -> bool {
+    VARIABLES.iter().any(|(v, _)| *v == name) && !COMPUTED.contains(&name)
+}
+
 /// Longest body accepted.
 pub const MAX_BODY: usize = 4000;
 
@@ -139,6 +149,17 @@ pub fn pick<'a>(bodies: &'a [Body], locale: &str) -> Option<&'a Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn out6_offer_values_are_computed_and_only_the_rest_is_free() {
+        for computed in ["name", "tier", "discount", "points", "coupon_value", "campaign_name"] {
+            assert!(!is_free(computed), "{computed}");
+        }
+        for free in ["offer_code", "ticket_id", "feedback_id"] {
+            assert!(is_free(free), "{free}");
+        }
+        assert!(!is_free("made_up"));
+    }
 
     fn values(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
