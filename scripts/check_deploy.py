@@ -185,8 +185,9 @@ check(all(e.get("value", "").startswith("http://crm-retention-otel-collector:431
       "production: services export spans to the bundled collector")
 
 # --- 5. NetworkPolicies allow only the architecture's calls ------------------------
-# Calls between services (SPEC 2): feedback -> profiles, outreach; outreach -> profiles.
-CALLS = {("feedback", "profiles"), ("feedback", "outreach"), ("outreach", "profiles")}
+# Calls between services (SPEC 2): feedback -> profiles, outreach; outreach -> profiles,
+# feedback (consent and open complaints at hand-off, REL-6).
+CALLS = {("feedback", "profiles"), ("feedback", "outreach"), ("outreach", "profiles"), ("outreach", "feedback")}
 for label, objs in renders.items():
     policies = by_kind(objs, "NetworkPolicy")
     allowed = set()

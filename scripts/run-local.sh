@@ -9,8 +9,10 @@ mkdir -p .local/logs
 export JWT_SECRET_FILE=${JWT_SECRET_FILE:-$PWD/.local/jwt-secret}
 export DATABASE_URL=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/crm}
 export REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
-# outreach reads names and addresses from profiles at send time.
+# outreach reads names and addresses from profiles at send time, and asks
+# profiles (consent) and feedback (open complaints) right before each hand-off.
 export OUTREACH_PROFILES_URL=${OUTREACH_PROFILES_URL:-http://127.0.0.1:50051}
+export OUTREACH_FEEDBACK_URL=${OUTREACH_FEEDBACK_URL:-http://127.0.0.1:50054}
 # feedback checks customers in profiles and acknowledges them through outreach.
 export FEEDBACK_PROFILES_URL=${FEEDBACK_PROFILES_URL:-http://127.0.0.1:50051}
 export FEEDBACK_OUTREACH_URL=${FEEDBACK_OUTREACH_URL:-http://127.0.0.1:50053}

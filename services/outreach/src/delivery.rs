@@ -21,7 +21,7 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use crm_kit::ApiError;
 use crm_kit::outbox;
-use crm_proto::common::v1::{Channel, Tier};
+use crm_proto::common::v1::{Channel, Purpose, Tier};
 use crm_proto::outreach::v1 as pb;
 use hmac::{Hmac, Mac};
 use http_body_util::{BodyExt, Full};
@@ -30,9 +30,11 @@ use sha2::Sha256;
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use crate::authority::{ComplaintSource, ConsentSource};
 use crate::directory::Directory;
+use crate::domain::policy::{self, Consent};
 use crate::domain::{campaign, channel, template};
-use crate::messages::{COLUMNS, MessageRow, state};
+use crate::messages::{COLUMNS, MessageRow, state, verdict};
 use crate::{SERVICE, privacy};
 
 /// A rendered message on its way to a provider.
@@ -218,6 +220,21 @@ pub struct Deliverer {
     /// Names and addresses from profiles; without it messages greet
     /// generically and carry no address.
     pub directory: Option<Arc<dyn Directory>>,
+    /// Consent as recorded now, asked at hand-off (REL-6); without it the
+    /// decision's event-fed copy is all there is.
+    pub consent: Option<Arc<dyn ConsentSource>>,
+    /// Open complaints as recorded now, asked at hand-off (REL-6).
+    pub complaints: Option<Arc<dyn ComplaintSource>>,
+}
+
+/// What the hand-off check made of a batch.
+struct HandOff {
+    /// Still to be handed over.
+    go: Vec<Leased>,
+    /// Refused as the owners record it now.
+    refused: Vec<(MessageRow, policy::Decision)>,
+    /// An owner could not be asked: retried later.
+    waiting: Vec<(MessageRow, String)>,
 }
 
 /// Exponential backoff for `attempts` so far, capped at an hour.
@@ -272,7 +289,8 @@ impl Deliverer {
                 Err(e) => {
                     // Profiles unreachable: every message of the batch waits for a retry.
                     let results = leased.into_iter().map(|l| (l.row, Err(SendError::Transient(e.clone())))).collect();
-                    self.settle(results, Vec::new()).await?;
+                    self.settle(Settled { results, personal: Vec::new(), refused: Vec::new(), handed_at: Utc::now() })
+                        .await?;
                     return Ok(n);
                 }
             }
@@ -285,7 +303,11 @@ impl Deliverer {
                 }
             }
         }
-        let mut results = Vec::with_capacity(n);
+        // REL-6: the last look, right before the adapters, at what the owners record now.
+        let HandOff { go: leased, refused, waiting } = self.hand_off(leased).await;
+        let handed_at = Utc::now();
+        let mut results: Vec<(MessageRow, Result<(), SendError>)> =
+            waiting.into_iter().map(|(row, e)| (row, Err(SendError::Transient(e)))).collect();
         let mut personal = Vec::new();
         let mut pending = Vec::new();
         for l in leased {
@@ -339,8 +361,64 @@ impl Deliverer {
             let sent = adapter.send_many(&outs).await;
             results.extend(rows.into_iter().zip(sent));
         }
-        self.settle(results, personal).await?;
+        self.settle(Settled { results, personal, refused, handed_at }).await?;
         Ok(n)
+    }
+
+    /// REL-6: asks profiles for consent and feedback for open complaints, as
+    /// recorded now, and refuses what they refuse (a complaint stops
+    /// marketing only). A source that cannot be asked makes the messages it
+    /// concerns wait for a retry; one not configured leaves the decision be.
+    async fn hand_off(&self, leased: Vec<Leased>) -> HandOff {
+        let mut out = HandOff { go: Vec::with_capacity(leased.len()), refused: Vec::new(), waiting: Vec::new() };
+        if leased.is_empty() || (self.consent.is_none() && self.complaints.is_none()) {
+            out.go = leased;
+            return out;
+        }
+        let purpose = |l: &Leased| Purpose::try_from(l.row.purpose as i32).unwrap_or(Purpose::Marketing);
+        let all: Vec<Uuid> = leased.iter().map(|l| l.row.customer_id).collect();
+        let marketing: Vec<Uuid> =
+            leased.iter().filter(|l| purpose(l) != Purpose::Service).map(|l| l.row.customer_id).collect();
+        let consent = async {
+            match &self.consent {
+                Some(source) => Some(source.consent(&all).await),
+                None => None,
+            }
+        };
+        let complaints = async {
+            match &self.complaints {
+                Some(source) if !marketing.is_empty() => Some(source.open(&marketing).await),
+                _ => None,
+            }
+        };
+        let (consent, complaints) = tokio::join!(consent, complaints);
+        for l in leased {
+            let p = purpose(&l);
+            let now_consent = match &consent {
+                None => Consent::Granted,
+                Some(Err(e)) => {
+                    out.waiting.push((l.row, e.clone()));
+                    continue;
+                }
+                Some(Ok(known)) => {
+                    known.get(&(l.row.customer_id, l.row.channel, l.row.purpose)).copied().unwrap_or(Consent::Unknown)
+                }
+            };
+            let open_complaint = match (&complaints, p) {
+                (_, Purpose::Service) | (None, _) => false,
+                (Some(Err(e)), _) => {
+                    out.waiting.push((l.row, e.clone()));
+                    continue;
+                }
+                (Some(Ok(open)), _) => open.contains(&l.row.customer_id),
+            };
+            let channel = Channel::try_from(l.row.channel as i32).unwrap_or(Channel::Unspecified);
+            match policy::check_at_hand_off(now_consent, open_complaint, policy::Attempt { channel, purpose: p }) {
+                Some(refused) => out.refused.push((l.row, refused)),
+                None => out.go.push(l),
+            }
+        }
+        out
     }
 
     async fn lease(&self, limit: i64) -> Result<Vec<Leased>, ApiError> {
@@ -430,11 +508,8 @@ impl Deliverer {
             .collect())
     }
 
-    async fn settle(
-        &self,
-        results: Vec<(MessageRow, Result<(), SendError>)>,
-        personal: Vec<Leased>,
-    ) -> Result<(), ApiError> {
+    async fn settle(&self, settled: Settled) -> Result<(), ApiError> {
+        let Settled { results, personal, refused, handed_at } = settled;
         let now = Utc::now();
         let mut tx = self.pool.begin().await?;
         let mut sent_ids = Vec::new();
@@ -447,7 +522,7 @@ impl Deliverer {
                     sent_ids.push(row.message_id);
                     let mut m = row;
                     m.state = state::SENT;
-                    m.sent_at = Some(now);
+                    m.sent_at = Some(handed_at);
                     events.push((
                         m.customer_id.to_string(),
                         pb::MessageSent { message: Some(privacy::message_event(m.to_wire())), holdout: false },
@@ -482,41 +557,59 @@ impl Deliverer {
             sent_ids.push(l.row.message_id);
             let mut m = l.row;
             m.state = state::SENT;
-            m.sent_at = Some(now);
+            m.sent_at = Some(handed_at);
             events.push((
                 m.customer_id.to_string(),
                 pb::MessageSent { message: Some(privacy::message_event(m.to_wire())), holdout: false },
             ));
         }
+        // sent_at: when it was handed over, right after the hand-off check (REL-6).
         sqlx::query("UPDATE messages SET state = $2, sent_at = $3, lease_until = NULL, last_error = '' WHERE message_id = ANY($1)")
             .bind(&sent_ids)
             .bind(state::SENT)
+            .bind(handed_at)
+            .execute(&mut *tx)
+            .await?;
+        for (row, decision) in refused {
+            undo_contact(&mut tx, &row).await?;
+            sqlx::query(
+                "UPDATE messages SET state = $2, rule = $3, detail = $4, decided_at = $5, lease_until = NULL, cost_minor = 0 \
+                 WHERE message_id = $1",
+            )
+            .bind(row.message_id)
+            .bind(state::SUPPRESSED)
+            .bind(decision.rule)
+            .bind(&decision.detail)
             .bind(now)
             .execute(&mut *tx)
             .await?;
+            sqlx::query(
+                "INSERT INTO decisions (customer_id, message_id, verdict, rule, detail, decided_at) VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(row.customer_id)
+            .bind(row.message_id)
+            .bind(verdict::DROPPED)
+            .bind(decision.rule)
+            .bind(&decision.detail)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            let mut m = row;
+            m.state = state::SUPPRESSED;
+            m.rule = decision.rule.to_string();
+            m.detail = decision.detail;
+            m.decided_at = Some(now);
+            events.push((
+                m.customer_id.to_string(),
+                pb::MessageSent { message: Some(privacy::message_event(m.to_wire())), holdout: false },
+            ));
+        }
         // A retry goes back to the contact policy (OUT-5): by then it may be
         // quiet hours or another local day. The approval is undone (the
         // contact, the backoff streak, the spend) and the message is decided
         // again at its retry time, keeping its id as the idempotency key.
         for (row, at, error) in retry {
-            sqlx::query("DELETE FROM contacts WHERE customer_id = $1 AND message_id = $2")
-                .bind(row.customer_id)
-                .bind(row.message_id)
-                .execute(&mut *tx)
-                .await?;
-            sqlx::query(
-                "UPDATE customers SET unanswered_streak = GREATEST(unanswered_streak - 1, 0) WHERE customer_id = $1",
-            )
-            .bind(row.customer_id)
-            .execute(&mut *tx)
-            .await?;
-            if let Some(campaign) = row.campaign_id {
-                sqlx::query("UPDATE campaigns SET spent_minor = GREATEST(spent_minor - $2, 0) WHERE campaign_id = $1")
-                    .bind(campaign)
-                    .bind(row.cost_minor)
-                    .execute(&mut *tx)
-                    .await?;
-            }
+            undo_contact(&mut tx, &row).await?;
             sqlx::query(
                 "UPDATE messages SET state = $2, due_at = $3, lease_until = NULL, last_error = $4, cost_minor = 0 WHERE message_id = $1",
             )
@@ -540,6 +633,36 @@ impl Deliverer {
         tx.commit().await?;
         Ok(())
     }
+}
+
+/// What one delivery round settles in one transaction.
+struct Settled {
+    results: Vec<(MessageRow, Result<(), SendError>)>,
+    personal: Vec<Leased>,
+    refused: Vec<(MessageRow, policy::Decision)>,
+    handed_at: DateTime<Utc>,
+}
+
+/// Takes back what the approval of a message counted: the contact (OUT-5
+/// caps), the unanswered streak, the campaign's spend.
+async fn undo_contact(tx: &mut sqlx::PgConnection, row: &MessageRow) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM contacts WHERE customer_id = $1 AND message_id = $2")
+        .bind(row.customer_id)
+        .bind(row.message_id)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("UPDATE customers SET unanswered_streak = GREATEST(unanswered_streak - 1, 0) WHERE customer_id = $1")
+        .bind(row.customer_id)
+        .execute(&mut *tx)
+        .await?;
+    if let Some(campaign) = row.campaign_id {
+        sqlx::query("UPDATE campaigns SET spent_minor = GREATEST(spent_minor - $2, 0) WHERE campaign_id = $1")
+            .bind(campaign)
+            .bind(row.cost_minor)
+            .execute(&mut *tx)
+            .await?;
+    }
+    Ok(())
 }
 
 /// OUT-6 template values of a customer: tier, discount, points, coupon value.

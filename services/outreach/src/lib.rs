@@ -6,6 +6,7 @@
 //! background loops in [`jobs`].
 
 pub mod api;
+pub mod authority;
 pub mod campaigns;
 pub mod delivery;
 pub mod directory;
@@ -75,6 +76,16 @@ pub const OUTREACH_VARS: &[VarSpec] = &[
         "",
         "profiles' gRPC URL, for names and addresses at send time (audited unmasked reads); unset: generic greeting, no address.",
     ),
+    var(
+        "OUTREACH_FEEDBACK_URL",
+        "",
+        "feedback's gRPC URL, asked for open complaints right before a marketing message is handed over (REL-6); unset: complaints stop marketing once their events arrive.",
+    ),
+    var(
+        "OUTREACH_CALL_TIMEOUT_MS",
+        "2000",
+        "Timeout of one call to profiles or feedback at hand-off or for masking; past it the messages wait for a retry.",
+    ),
     var("OUTREACH_SMTP_RELAY", "", "host:port of the SMTP relay of the smtp adapter (e-mail); unset disables it."),
     var("OUTREACH_SMTP_FROM", "crm@localhost", "Sender address of e-mails."),
     var("OUTREACH_SMTP_TIMEOUT_MS", "10000", "Timeout of one SMTP session."),
@@ -112,6 +123,10 @@ pub struct OutreachConfig {
     pub webhook_timeout: Duration,
     /// `OUTREACH_PROFILES_URL`.
     pub profiles_url: Option<String>,
+    /// `OUTREACH_FEEDBACK_URL`.
+    pub feedback_url: Option<String>,
+    /// `OUTREACH_CALL_TIMEOUT_MS`.
+    pub call_timeout: Duration,
     /// `OUTREACH_SMTP_*`.
     pub smtp: Option<smtp::Smtp>,
 }
@@ -154,6 +169,11 @@ impl OutreachConfig {
                 None => None,
                 Some(_) => Some(env.url("OUTREACH_PROFILES_URL", "", &["http", "https"])?),
             },
+            feedback_url: match env.raw("OUTREACH_FEEDBACK_URL").filter(|u| !u.is_empty()) {
+                None => None,
+                Some(_) => Some(env.url("OUTREACH_FEEDBACK_URL", "", &["http", "https"])?),
+            },
+            call_timeout: env.millis("OUTREACH_CALL_TIMEOUT_MS", 2000)?,
             smtp: match env.raw("OUTREACH_SMTP_RELAY").filter(|r| !r.is_empty()) {
                 None => None,
                 Some(relay) => Some(smtp_config(env, relay)?),
@@ -245,6 +265,25 @@ pub fn build(kit: &Kit, config: &OutreachConfig) -> Parts {
             }
         }
     });
+    let outgoing = || crm_kit::client::Outgoing::new(&kit.auth, SERVICE);
+    let unusable = |var: &str, e: tonic::transport::Error| tracing::error!(error = %e, "{var} unusable");
+    let consent: Option<Arc<dyn authority::ConsentSource>> = config.profiles_url.as_deref().and_then(|url| {
+        authority::ProfilesConsent::new(url, outgoing(), config.call_timeout)
+            .map(|c| Arc::new(c) as Arc<dyn authority::ConsentSource>)
+            .map_err(|e| unusable("OUTREACH_PROFILES_URL", e))
+            .ok()
+    });
+    let complaints: Option<Arc<dyn authority::ComplaintSource>> = config.feedback_url.as_deref().and_then(|url| {
+        authority::FeedbackComplaints::new(url, outgoing(), config.call_timeout)
+            .map(|c| Arc::new(c) as Arc<dyn authority::ComplaintSource>)
+            .map_err(|e| unusable("OUTREACH_FEEDBACK_URL", e))
+            .ok()
+    });
+    if consent.is_none() || complaints.is_none() {
+        tracing::warn!(
+            "OUTREACH_PROFILES_URL or OUTREACH_FEEDBACK_URL is not set: opt-outs and complaints stop messages only once their events arrive (REL-6 needs both)"
+        );
+    }
     let configured: Vec<String> = adapters.keys().cloned().collect();
     let deliverer = delivery::Deliverer {
         pool: kit.pg.clone(),
@@ -253,12 +292,14 @@ pub fn build(kit: &Kit, config: &OutreachConfig) -> Parts {
         max_attempts: config.max_attempts,
         backoff: config.backoff,
         directory,
+        consent,
+        complaints,
     };
     let deliver_wake = Arc::new(Notify::new());
     let dispatch_wake = Arc::new(Notify::new());
     let masker: Option<Arc<dyn crm_kit::privacy::TextMasker>> = config.profiles_url.as_deref().and_then(|url| {
         let outgoing = crm_kit::client::Outgoing::new(&kit.auth, SERVICE);
-        crm_kit::privacy::ProfilesMasker::new(url, outgoing, std::time::Duration::from_secs(2))
+        crm_kit::privacy::ProfilesMasker::new(url, outgoing, config.call_timeout)
             .map(|m| Arc::new(m) as Arc<dyn crm_kit::privacy::TextMasker>)
             .map_err(|e| tracing::error!(error = %e, "OUTREACH_PROFILES_URL unusable: task notes are withheld from callers without pii:read"))
             .ok()

@@ -134,6 +134,8 @@ async fn the_webhook_signs_retries_5xx_and_dead_letters_4xx() {
         max_attempts: 5,
         backoff: Duration::from_millis(200),
         directory: None,
+        consent: None,
+        complaints: None,
     };
     assert_eq!(deliverer.deliver_due(10).await.expect("round 1"), 3);
     assert_eq!(state_of(&pool, ok).await.0, 3, "delivered");
@@ -199,6 +201,8 @@ async fn an_unreachable_webhook_is_retried_with_backoff_until_the_dead_letter() 
         max_attempts: 3,
         backoff: Duration::from_millis(1),
         directory: None,
+        consent: None,
+        complaints: None,
     };
     for _ in 0..3 {
         // Each retry is approved by the policy again (as the dispatcher would).
@@ -329,6 +333,8 @@ async fn the_smtp_adapter_delivers_to_a_local_sink_and_sorts_failures() {
         max_attempts: 5,
         backoff: Duration::from_secs(60),
         directory: Some(Arc::new(Known(known))),
+        consent: None,
+        complaints: None,
     };
     assert_eq!(deliverer.deliver_due(10).await.expect("deliver"), 3);
     assert_eq!(state_of(&pool, ids[0]).await.0, 3, "sent");

@@ -233,6 +233,8 @@ async fn a_sender_killed_after_the_provider_call_neither_double_sends_nor_loses(
         max_attempts: 5,
         backoff: Duration::from_millis(10),
         directory: None,
+        consent: None,
+        complaints: None,
     };
     let first = deliverer(dying);
     let crashed = tokio::spawn(async move { first.deliver_due(100).await });
@@ -603,6 +605,8 @@ async fn a_failed_delivery_is_not_a_contact_and_goes_back_to_the_policy() {
         max_attempts: 5,
         backoff: Duration::from_secs(30),
         directory: None,
+        consent: None,
+        complaints: None,
     };
     deliverer.deliver_approved(&approved).await.expect("deliver");
     assert_eq!(counted().await, (0, 0), "the failed attempt is not a contact");

@@ -266,24 +266,14 @@ pub fn check_contact(
     now: DateTime<Utc>,
 ) -> Decision {
     let marketing = attempt.purpose != Purpose::Service;
-    let channel = channel_name(attempt.channel);
     if marketing && recipient.in_global_control {
         return Decision::drop("GLOBAL_CONTROL", "in the global control group: no marketing contact");
     }
     if recipient.already_in_campaign {
         return Decision::drop("ALREADY_IN_CAMPAIGN", "this campaign has already contacted the customer");
     }
-    match recipient.consent {
-        Consent::Revoked => {
-            return Decision::drop("OPTED_OUT", format!("opted out of {} on {channel}", purpose_name(attempt.purpose)));
-        }
-        Consent::Unknown if marketing => {
-            return Decision::drop("NO_CONSENT", format!("no marketing consent on {channel}"));
-        }
-        _ => {}
-    }
-    if marketing && recipient.open_complaint {
-        return Decision::drop("OPEN_COMPLAINT", "an open complaint ticket: no marketing until it is resolved");
+    if let Some(refused) = consent_and_complaints(recipient.consent, recipient.open_complaint, attempt) {
+        return refused;
     }
     let tz = recipient.timezone;
     let defer = |until: DateTime<Utc>, rule: &'static str, detail: String| {
@@ -355,6 +345,39 @@ pub fn check_contact(
     Decision { verdict: Verdict::Send, rule: "ALLOWED", detail: String::new() }
 }
 
+/// OUT-5, PRF-7: no contact against the customer's consent for the purpose
+/// (an opt-out stops everything on the channel), and no marketing while a
+/// complaint is open. `None` when neither refuses.
+pub fn consent_and_complaints(consent: Consent, open_complaint: bool, attempt: Attempt) -> Option<Decision> {
+    let marketing = attempt.purpose != Purpose::Service;
+    let channel = channel_name(attempt.channel);
+    match consent {
+        Consent::Revoked => {
+            return Some(Decision::drop(
+                "OPTED_OUT",
+                format!("opted out of {} on {channel}", purpose_name(attempt.purpose)),
+            ));
+        }
+        Consent::Unknown if marketing => {
+            return Some(Decision::drop("NO_CONSENT", format!("no marketing consent on {channel}")));
+        }
+        _ => {}
+    }
+    if marketing && open_complaint {
+        return Some(Decision::drop("OPEN_COMPLAINT", "an open complaint ticket: no marketing until it is resolved"));
+    }
+    None
+}
+
+/// REL-6: the last look before a message is handed to its channel, with
+/// consent and complaints read from profiles and feedback at that moment
+/// (not from the event-fed copies the decision used), so a withdrawal or a
+/// complaint that returned before it stops the message.
+pub fn check_at_hand_off(consent: Consent, open_complaint: bool, attempt: Attempt) -> Option<Decision> {
+    consent_and_complaints(consent, open_complaint, attempt)
+        .map(|d| Decision { detail: format!("{} (at hand-off, as recorded now)", d.detail), ..d })
+}
+
 fn purpose_name(p: Purpose) -> &'static str {
     match p {
         Purpose::Service => "service messages",
@@ -370,6 +393,22 @@ pub fn zone(name: &str, fallback: Tz) -> Tz {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rel6_at_hand_off_a_withdrawal_or_a_complaint_stops_marketing_and_only_a_withdrawal_stops_service() {
+        let marketing = Attempt { channel: Channel::Sms, purpose: Purpose::Marketing };
+        let service = Attempt { channel: Channel::Sms, purpose: Purpose::Service };
+        let rule = |d: Option<Decision>| d.map(|d| d.rule);
+        assert_eq!(rule(check_at_hand_off(Consent::Granted, false, marketing)), None);
+        assert_eq!(rule(check_at_hand_off(Consent::Revoked, false, marketing)), Some("OPTED_OUT"));
+        assert_eq!(rule(check_at_hand_off(Consent::Unknown, false, marketing)), Some("NO_CONSENT"));
+        assert_eq!(rule(check_at_hand_off(Consent::Granted, true, marketing)), Some("OPEN_COMPLAINT"));
+        assert_eq!(rule(check_at_hand_off(Consent::Unknown, true, service)), None);
+        assert_eq!(rule(check_at_hand_off(Consent::Revoked, false, service)), Some("OPTED_OUT"));
+        let d = check_at_hand_off(Consent::Revoked, false, marketing).expect("refused");
+        assert!(d.detail.ends_with("(at hand-off, as recorded now)"), "{}", d.detail);
+        assert_eq!(d.verdict, Verdict::Drop);
+    }
 
     const SHANGHAI: Tz = chrono_tz::Asia::Shanghai;
     const NEW_YORK: Tz = chrono_tz::America::New_York;
