@@ -14,6 +14,17 @@ pub async fn wait_for<F: AsyncFnMut() -> bool>(what: &str, mut done: F) {
     }
 }
 
+/// A time zone where it is day now (09:00-20:00 local), so that messages to
+/// a customer living there are not held for quiet hours (OUT-5).
+pub fn daytime_zone() -> &'static str {
+    use chrono::Timelike;
+    let now = chrono::Utc::now();
+    ["Asia/Shanghai", "Europe/London", "America/New_York", "America/Los_Angeles", "Asia/Kolkata", "Pacific/Auckland"]
+        .into_iter()
+        .find(|z| z.parse::<chrono_tz::Tz>().is_ok_and(|tz| (9..20).contains(&now.with_timezone(&tz).hour())))
+        .unwrap_or("UTC")
+}
+
 /// A free local port.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")

@@ -116,6 +116,25 @@ pub fn mask_text(text: &str, names: &[&str]) -> String {
     names.iter().fold(masked, |t, n| mask_name(&t, n))
 }
 
+/// PRF-8, SEC-5: what an erasure keeps of a free text (a stated reason):
+/// phone numbers and e-mails masked as in [`mask_text`], and the names gone
+/// entirely, surname included (masking keeps the surname; erasing does not).
+pub fn scrub_text(text: &str, names: &[&str]) -> String {
+    let masked = mask_emails(&mask_phones(text));
+    names.iter().fold(masked, |t, full| {
+        let full = full.trim();
+        let mut parts: Vec<String> = vec![full.to_string()];
+        if full.chars().next().is_some_and(is_cjk) {
+            parts.push(full.chars().skip(1).filter(|c| !c.is_whitespace()).collect());
+        } else {
+            parts.extend(full.split_whitespace().map(str::to_string));
+        }
+        parts.retain(|p| p.chars().count() >= 2);
+        parts.sort_by_key(|p| std::cmp::Reverse(p.chars().count()));
+        parts.iter().fold(t, |t, p| replace_word(&t, p, "***"))
+    })
+}
+
 /// Runs of digits with the separators people write inside phone numbers
 /// (space, `-`, `.`, `/`, parentheses, a leading `+`) holding 7 to 15
 /// digits, not glued to letters and not shaped like a date.
@@ -424,6 +443,15 @@ mod tests {
         assert_eq!(mask_text("Wei Li here; wei again. Weird.", &["Wei Li"]), "W*** Li here; W*** again. Weird.");
         assert_eq!(mask_text("Nothing about them", &["Wei Li"]), "Nothing about them");
         assert_eq!(mask_text("X", &["X"]), "X", "one-letter names are not masked");
+    }
+
+    #[test]
+    fn sec5_an_erased_text_keeps_no_part_of_the_name() {
+        assert_eq!(
+            scrub_text("request of Wei Li (wei.li@example.com, 13812345678); Li called", &["Wei Li"]),
+            "request of *** (w***@example.com, 138****5678); *** called"
+        );
+        assert_eq!(scrub_text("张三丰本人申请，三丰", &["张三丰"]), "***本人申请，***");
     }
 
     #[test]

@@ -4,31 +4,13 @@
 //! profiles at send time (an audited read); the contact shows in the
 //! customer's timeline in profiles.
 
-use crm_e2e::{ServiceProcess, wait_for};
+use crm_e2e::{ServiceProcess, daytime_zone, wait_for};
 use crm_kit::Role;
 use crm_kit::testing::Bearer;
 use crm_proto::outreach::v1 as out;
 use crm_proto::outreach::v1::outreach_service_client::OutreachServiceClient;
 use crm_proto::profiles::v1 as pb;
 use crm_proto::profiles::v1::profiles_service_client::ProfilesServiceClient;
-
-/// A zone where it is day now (outside quiet hours, with an hour to spare).
-fn daytime_zone() -> &'static str {
-    use chrono::Timelike;
-    let zones = [
-        "Asia/Shanghai",
-        "Europe/London",
-        "America/New_York",
-        "America/Los_Angeles",
-        "Asia/Kolkata",
-        "Pacific/Auckland",
-    ];
-    let now = chrono::Utc::now();
-    zones
-        .into_iter()
-        .find(|z| (9..20).contains(&now.with_timezone(&z.parse::<chrono_tz::Tz>().expect("zone")).hour()))
-        .expect("one of six zones spread around the world is in daytime")
-}
 
 #[tokio::test]
 async fn an_acknowledgement_greets_by_name_and_shows_in_the_profiles_timeline() {

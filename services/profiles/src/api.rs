@@ -870,10 +870,10 @@ impl ProfilesApi {
         };
         let id = self.live_customer(&mut tx, "customer_id", &req.customer_id).await?;
         let ids = store::identity_set(&mut tx, id).await?;
-        // Whatever the stated reason says about the person is masked before it is kept.
+        // Whatever the stated reason says about the person is taken out before it is kept.
         let names: Vec<String> = store::names_of(&mut tx, &ids).await?.into_values().flatten().collect();
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
-        let reason = crm_kit::privacy::mask_text(req.reason.trim(), &names);
+        let reason = crm_kit::privacy::scrub_text(req.reason.trim(), &names);
         // PRF-8: idempotent — a second erasure of the same customer changes nothing and emits nothing.
         let first = store::record_erasure(&mut tx, id, &caller.subject, &reason).await?;
         let now = Utc::now();

@@ -738,7 +738,7 @@ pub async fn record_erasure(conn: &mut PgConnection, id: Uuid, by: &str, reason:
 /// (and aggregates without identity: transactions) so history stays
 /// consistent. The merges they took part in keep who and when; their
 /// snapshots of the records go (such a merge cannot be undone any more) and
-/// their stated reasons are masked with the customers' `names`.
+/// their stated reasons lose the customers' `names`, phones and e-mails.
 pub async fn erase(
     conn: &mut PgConnection,
     ids: &[Uuid],
@@ -757,8 +757,8 @@ pub async fn erase(
              WHERE merge_id = $1",
         )
         .bind(merge)
-        .bind(crm_kit::privacy::mask_text(&reason, names))
-        .bind(undo.map(|u| crm_kit::privacy::mask_text(&u, names)))
+        .bind(crm_kit::privacy::scrub_text(&reason, names))
+        .bind(undo.map(|u| crm_kit::privacy::scrub_text(&u, names)))
         .execute(&mut *conn)
         .await?;
     }
