@@ -149,12 +149,60 @@ pub enum ApiError {
     Internal(String),
 }
 
+/// Bytes of the violations an error's message and its `BadRequest` detail
+/// list: both travel in HTTP/2 headers, which clients cap (16 KB is common),
+/// so a request with many bad fields is still answered readably.
+const MESSAGE_BYTES: usize = 1024;
+const DETAIL_BYTES: usize = 6144;
+
+/// The first violations whose text fits in `budget` bytes, and how many were left out.
+fn within(v: &FieldViolations, budget: usize) -> (Vec<&FieldViolation>, usize) {
+    let mut used = 0;
+    let mut shown = Vec::new();
+    for f in v.iter() {
+        let size = f.field.len() + f.description.len() + 4;
+        if used + size > budget && !shown.is_empty() {
+            break;
+        }
+        used += size;
+        shown.push(f);
+    }
+    let left = v.iter().count() - shown.len() + v.unlisted;
+    (shown, left)
+}
+
 fn summary(v: &FieldViolations) -> String {
-    let mut text = v.iter().map(|f| format!("{}: {}", f.field, f.description)).collect::<Vec<_>>().join("; ");
-    if v.unlisted > 0 {
-        text.push_str(&format!("; and {} more not listed", v.unlisted));
+    let (shown, left) = within(v, MESSAGE_BYTES);
+    let mut text =
+        shown.iter().map(|f| format!("{}: {}", f.field, clip(&f.description))).collect::<Vec<_>>().join("; ");
+    if left > 0 {
+        text.push_str(&format!("; and {left} more not listed"));
     }
     text
+}
+
+/// A message shortened to what a header can carry.
+fn clip_message(text: &str) -> String {
+    if text.len() <= 2 * MESSAGE_BYTES {
+        return text.to_string();
+    }
+    let mut end = 2 * MESSAGE_BYTES;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
+/// A description shortened to what a header can carry.
+fn clip(text: &str) -> String {
+    if text.len() <= 300 {
+        return text.to_string();
+    }
+    let mut end = 300;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
 }
 
 impl ApiError {
@@ -254,7 +302,7 @@ impl ApiError {
                 tracing::error!(error = %detail, trace_id = %trace_id, "internal error");
                 format!("internal error; quote trace id {trace_id} when reporting it")
             }
-            other => other.to_string(),
+            other => clip_message(&other.to_string()),
         };
         let mut metadata = HashMap::new();
         if !trace_id.is_empty() {
@@ -267,11 +315,12 @@ impl ApiError {
         let mut details = ErrorDetails::new();
         details.set_error_info(self.reason(), format!("crm.{service}"), metadata);
         if let Self::InvalidArgument(violations) = &self {
-            for v in violations.iter() {
-                details.add_bad_request_violation(v.field.clone(), v.description.clone());
+            let (shown, left) = within(violations, DETAIL_BYTES);
+            for v in shown {
+                details.add_bad_request_violation(clip(&v.field), clip(&v.description));
             }
-            if violations.unlisted > 0 {
-                note_unlisted(&mut details, violations.unlisted);
+            if left > 0 {
+                note_unlisted(&mut details, left);
             }
         }
         if matches!(self, Self::ResourceExhausted(_) | Self::Unavailable(_)) {
@@ -283,10 +332,7 @@ impl ApiError {
 
 /// Names how many violations were left out of the `BadRequest` list.
 fn note_unlisted(details: &mut ErrorDetails, unlisted: usize) {
-    details.add_bad_request_violation(
-        "*",
-        format!("{unlisted} more bad fields are not listed (only the first {MAX_LISTED_VIOLATIONS} are)"),
-    );
+    details.add_bad_request_violation("*", format!("{unlisted} more bad fields are not listed"));
 }
 
 impl From<sqlx::Error> for ApiError {
@@ -360,10 +406,24 @@ mod tests {
         assert_eq!(v.unlisted(), 100_000 - MAX_LISTED_VIOLATIONS);
         let status = v.into_result().unwrap_err().into_status("profiles");
         let listed = status.get_error_details().bad_request().expect("BadRequest").field_violations.clone();
-        assert_eq!(listed.len(), MAX_LISTED_VIOLATIONS + 1, "the first hundred and a note of the rest");
-        assert!(listed[MAX_LISTED_VIOLATIONS].description.starts_with("99900 more"), "{listed:?}");
-        assert!(status.message().ends_with("and 99900 more not listed"));
-        assert!(status.message().len() < 10_000, "the message stays small");
+        let shown = listed.len() - 1;
+        assert!(shown > 50 && shown <= MAX_LISTED_VIOLATIONS, "as many as fit in a header: {shown}");
+        let note = &listed[shown];
+        assert_eq!(note.field, "*");
+        assert_eq!(note.description, format!("{} more bad fields are not listed", 100_000 - shown));
+        assert!(status.message().contains(" more not listed"), "{}", status.message());
+        assert!(status.message().len() < 2 * MESSAGE_BYTES, "the message stays small");
+        assert!(status.details().len() < 2 * DETAIL_BYTES, "so does the detail: {}", status.details().len());
+    }
+
+    #[test]
+    fn rel5_long_descriptions_and_messages_are_clipped_to_fit_in_headers() {
+        let long = "z".repeat(50_000);
+        let status = ApiError::invalid(long.clone(), long.clone()).into_status("profiles");
+        assert!(status.message().len() < 2 * MESSAGE_BYTES + 10, "{}", status.message().len());
+        assert!(status.details().len() < 2 * DETAIL_BYTES);
+        let status = ApiError::AlreadyExists(long).into_status("profiles");
+        assert!(status.message().len() <= 2 * MESSAGE_BYTES + 4);
     }
 
     #[test]

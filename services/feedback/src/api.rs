@@ -657,10 +657,12 @@ impl FeedbackApi {
             }
         }
         if has("ticket_ids") {
-            if a.ticket_ids.len() > 1000 {
+            let over = a.ticket_ids.len() > 1000;
+            if over {
+                // REL-5: no per-item work on a list over its limit.
                 v.add("action.ticket_ids", "at most 1000 tickets");
             }
-            for (i, t) in a.ticket_ids.iter().enumerate() {
+            for (i, t) in a.ticket_ids.iter().enumerate().take(if over { 0 } else { 1000 }) {
                 if let Some(id) =
                     v.check(&format!("action.ticket_ids[{i}]"), Uuid::parse_str(t).map_err(|_| "must be an id (UUID)"))
                 {

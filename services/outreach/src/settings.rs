@@ -42,7 +42,9 @@ pub fn parse_policy(p: &pb::ContactPolicy, prefix: &str) -> Result<ContactPolicy
     let mut v = FieldViolations::new();
     let mut caps = Vec::new();
     if p.caps.len() > 20 {
+        // REL-5: no per-item work on a list over its limit.
         v.add(format!("{prefix}caps"), "at most 20 caps");
+        return Err(ApiError::InvalidArgument(v));
     }
     for (i, c) in p.caps.iter().enumerate() {
         let f = |name: &str| format!("{prefix}caps[{i}].{name}");

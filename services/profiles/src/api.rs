@@ -372,6 +372,10 @@ impl ProfilesApi {
         let mut v = FieldViolations::new();
         let size = v.check("page_size", paging::page_size(req.page_size).map_err(|e| summary(&e))).unwrap_or(50);
         check_purpose(&req.purpose)?;
+        if req.tags.len() > 50 {
+            // A customer carries at most 50 tags; REL-5: no per-item work past that.
+            return Err(ApiError::invalid("tags", "at most 50 tags"));
+        }
         let filter = store::ListFilter {
             tags: req.tags.iter().map(|t| t.trim().to_lowercase()).collect(),
             region: (!req.region.is_empty()).then(|| req.region.clone()),
@@ -858,8 +862,8 @@ impl ProfilesApi {
     ) -> Result<pb::EraseCustomerResponse, ApiError> {
         let mut v = FieldViolations::new();
         v.check("customer_id", parse_id("customer_id", &req.customer_id).map_err(|e| summary(&e)));
-        if req.reason.trim().is_empty() {
-            v.add("reason", "is required (audited)");
+        if req.reason.trim().is_empty() || req.reason.chars().count() > 500 {
+            v.add("reason", "is required, at most 500 characters (audited)");
         }
         v.absorb(idempotency::validate_request_id(&req.request_id));
         v.into_result()?;

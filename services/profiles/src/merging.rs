@@ -57,7 +57,12 @@ impl ProfilesApi {
         if req.reason.trim().is_empty() || req.reason.chars().count() > 500 {
             v.add("reason", "is required, at most 500 characters (audited)");
         }
-        let take: Vec<String> = req.take_from_loser.as_ref().map(|m| m.paths.clone()).unwrap_or_default();
+        let mut take: Vec<String> = req.take_from_loser.as_ref().map(|m| m.paths.clone()).unwrap_or_default();
+        if take.len() > merge::MERGEABLE.len() {
+            // REL-5: no per-item work on a list longer than what it can name.
+            v.add("take_from_loser", format!("names more than the {} mergeable fields", merge::MERGEABLE.len()));
+            take.clear();
+        }
         for p in &take {
             if !merge::MERGEABLE.contains(&p.as_str()) {
                 v.add(

@@ -251,9 +251,12 @@ impl SegmentationApi {
             "segment.segment_id",
             parse_id("segment.segment_id", &patch.segment_id).map_err(|_| "must be a segment id (UUID)"),
         );
-        let paths = req.update_mask.as_ref().map(|m| m.paths.clone()).unwrap_or_default();
+        let mut paths = req.update_mask.as_ref().map(|m| m.paths.clone()).unwrap_or_default();
         if paths.is_empty() {
             v.add("update_mask", "is required: display_name, description, rule");
+        } else if paths.len() > 3 {
+            v.add("update_mask", "names more than the 3 updatable fields: display_name, description, rule");
+            paths.clear();
         }
         for p in &paths {
             if !["display_name", "description", "rule"].contains(&p.as_str()) {
