@@ -390,6 +390,20 @@ async fn rel5_the_largest_field_of_every_rpc_is_answered_at_once_and_never_as_in
             }
         }
     }
+    // Every mutation's request_id: 128 characters are accepted, 129 refused (SPEC 3).
+    for (service, rpc, input) in contracts.rpcs() {
+        let Some(f) = contracts.messages[input.as_str()].field.iter().find(|f| f.name() == "request_id") else {
+            continue;
+        };
+        for (n, refused) in [(128, false), (129, true)] {
+            let mut body = Vec::new();
+            delimited(f.number(), "r".repeat(n).as_bytes(), &mut body);
+            let status = raw_call(&url(&service), &rpc, frame(&body), &token).await;
+            if violations(&status).iter().any(|v| v == "request_id") != refused {
+                wrong.push(format!("{rpc} request_id x{n}: {:?} {:?}", status.code(), violations(&status)));
+            }
+        }
+    }
     assert!(wrong.is_empty(), "limits not as declared:\n{}", wrong.join("\n"));
 
     for p in &mut processes {

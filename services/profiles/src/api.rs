@@ -541,10 +541,12 @@ impl ProfilesApi {
         &self,
         req: pb::BatchRecordTransactionsRequest,
     ) -> Result<pb::BatchRecordTransactionsResponse, ApiError> {
+        let mut v = FieldViolations::new();
         if req.transactions.is_empty() || req.transactions.len() > MAX_BATCH {
-            return Err(ApiError::invalid("transactions", format!("must hold 1..{MAX_BATCH} rows")));
+            v.add("transactions", format!("must hold 1..{MAX_BATCH} rows"));
         }
-        idempotency::validate_request_id(&req.request_id)?;
+        v.absorb(idempotency::validate_request_id(&req.request_id));
+        v.into_result()?;
         let owners =
             self.resolve_rows(&req.transactions.iter().map(|t| t.customer_id.clone()).collect::<Vec<_>>()).await?;
         let mut rejections = Vec::new();
@@ -592,10 +594,12 @@ impl ProfilesApi {
         &self,
         req: pb::BatchRecordInteractionsRequest,
     ) -> Result<pb::BatchRecordInteractionsResponse, ApiError> {
+        let mut v = FieldViolations::new();
         if req.interactions.is_empty() || req.interactions.len() > MAX_BATCH {
-            return Err(ApiError::invalid("interactions", format!("must hold 1..{MAX_BATCH} rows")));
+            v.add("interactions", format!("must hold 1..{MAX_BATCH} rows"));
         }
-        idempotency::validate_request_id(&req.request_id)?;
+        v.absorb(idempotency::validate_request_id(&req.request_id));
+        v.into_result()?;
         let owners =
             self.resolve_rows(&req.interactions.iter().map(|t| t.customer_id.clone()).collect::<Vec<_>>()).await?;
         let mut rejections = Vec::new();
@@ -720,7 +724,9 @@ impl ProfilesApi {
         v.check("customer_id", parse_id("customer_id", &req.customer_id).map_err(|e| summary(&e)));
         if req.changes.is_empty() || req.changes.len() > 50 {
             // REL-5: no per-item work on a list over its limit.
-            return Err(ApiError::invalid("changes", "must hold 1..50 grants"));
+            v.add("changes", "must hold 1..50 grants");
+            v.absorb(idempotency::validate_request_id(&req.request_id));
+            return Err(ApiError::InvalidArgument(v));
         }
         for (i, g) in req.changes.iter().enumerate() {
             if Channel::try_from(g.channel).is_err() || g.channel == 0 {

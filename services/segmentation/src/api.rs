@@ -474,8 +474,14 @@ impl SegmentationService for SegmentationApi {
     async fn delete_segment(&self, request: Request<pb::DeleteSegmentRequest>) -> Reply<pb::DeleteSegmentResponse> {
         let req = request.into_inner();
         async {
-            let id = parse_id("segment_id", &req.segment_id)?;
-            idempotency::validate_request_id(&req.request_id)?;
+            let mut v = FieldViolations::new();
+            let id = v.check(
+                "segment_id",
+                parse_id("segment_id", &req.segment_id).map_err(|_| "must be a segment id (UUID)"),
+            );
+            v.absorb(idempotency::validate_request_id(&req.request_id));
+            v.into_result()?;
+            let id = id.unwrap_or_default();
             // Deleting twice is fine; the membership history is kept (SEG-6).
             let found: Option<bool> =
                 sqlx::query_scalar("SELECT deleted_at IS NULL FROM segments WHERE segment_id = $1")
