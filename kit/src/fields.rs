@@ -24,6 +24,22 @@ pub fn optional_id(v: &mut FieldViolations, field: &str, value: &str) -> Option<
     v.check(field, Uuid::parse_str(value).map_err(|_| "must be an id (UUID)"))
 }
 
+/// A required list of 1..=`max` ids (UUIDs), checked for its count before
+/// any id is parsed (REL-5); every malformed one is named (`field[i]`).
+pub fn id_list(field: &str, values: &[String], max: usize) -> Result<Vec<Uuid>, ApiError> {
+    if values.is_empty() || values.len() > max {
+        return Err(ApiError::invalid(field, format!("must hold 1..{max} ids")));
+    }
+    let mut v = FieldViolations::new();
+    let ids: Vec<Uuid> = values
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| v.check(&format!("{field}[{i}]"), Uuid::parse_str(s).map_err(|_| "must be an id (UUID)")))
+        .collect();
+    v.into_result()?;
+    Ok(ids)
+}
+
 /// The paths of a required `update_mask`, each one of `allowed` (AIP-134).
 pub fn update_mask(mask: &Option<prost_types::FieldMask>, allowed: &[&str]) -> Result<Vec<String>, ApiError> {
     let paths = mask.as_ref().map(|m| m.paths.clone()).unwrap_or_default();
@@ -118,6 +134,17 @@ mod tests {
         assert!(check_etag("", 3).is_ok());
         assert!(check_etag("v3", 3).is_ok());
         assert_eq!(check_etag("v2", 3).unwrap_err().code(), tonic::Code::Aborted);
+    }
+
+    #[test]
+    fn id_lists_are_counted_before_they_are_parsed() {
+        let good = "0190b6a0-0000-7000-8000-000000000000".to_string();
+        assert_eq!(id_list("ids", std::slice::from_ref(&good), 2).unwrap().len(), 1);
+        let too_many = id_list("ids", &vec!["x".to_string(); 3], 2).unwrap_err();
+        assert!(matches!(&too_many, ApiError::InvalidArgument(v) if v.iter().map(|f| f.field.as_str()).eq(["ids"])));
+        let bad = id_list("ids", &[good, "x".into()], 2).unwrap_err();
+        assert!(matches!(&bad, ApiError::InvalidArgument(v) if v.iter().map(|f| f.field.as_str()).eq(["ids[1]"])));
+        assert!(id_list("ids", &[], 2).is_err());
     }
 
     #[test]

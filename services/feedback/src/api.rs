@@ -165,19 +165,7 @@ impl FeedbackApi {
         &self,
         req: pb::CheckOpenComplaintsRequest,
     ) -> Result<pb::CheckOpenComplaintsResponse, ApiError> {
-        if req.customer_ids.is_empty() || req.customer_ids.len() > 1000 {
-            return Err(ApiError::invalid("customer_ids", "must hold 1..1000 ids"));
-        }
-        let mut v = FieldViolations::new();
-        let ids: Vec<Uuid> = req
-            .customer_ids
-            .iter()
-            .enumerate()
-            .filter_map(|(i, s)| {
-                v.check(&format!("customer_ids[{i}]"), parse_id("customer_ids", s).map_err(|e| reason(&e)))
-            })
-            .collect();
-        v.into_result()?;
+        let ids = fields::id_list("customer_ids", &req.customer_ids, 1000)?;
         let mut conn = self.desk.pool.acquire().await?;
         let open = tickets::customers_with_open_complaints(&mut conn, &ids).await?;
         Ok(pb::CheckOpenComplaintsResponse { customer_ids: open.into_iter().map(|id| id.to_string()).collect() })

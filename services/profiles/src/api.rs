@@ -453,22 +453,10 @@ impl ProfilesApi {
         caller: &Caller,
         req: pb::BatchGetCustomersRequest,
     ) -> Result<pb::BatchGetCustomersResponse, ApiError> {
-        if req.customer_ids.is_empty() || req.customer_ids.len() > MAX_BATCH {
-            return Err(ApiError::invalid("customer_ids", format!("must hold 1..{MAX_BATCH} ids")));
-        }
+        let ids = crm_kit::fields::id_list("customer_ids", &req.customer_ids, MAX_BATCH)?;
         check_purpose(&req.purpose)?;
-        let mut v = FieldViolations::new();
-        let ids: Vec<Option<Uuid>> = req
-            .customer_ids
-            .iter()
-            .enumerate()
-            .map(|(i, s)| {
-                v.check(&format!("customer_ids[{i}]"), Uuid::parse_str(s).map_err(|_| "must be a customer id (UUID)"))
-            })
-            .collect();
-        v.into_result()?;
         let mut out = pb::BatchGetCustomersResponse::default();
-        for (raw, id) in req.customer_ids.iter().zip(ids.into_iter().flatten()) {
+        for (raw, id) in req.customer_ids.iter().zip(ids) {
             match self.read(id).await? {
                 Some(c) => out.customers.push(self.view(caller, c, &req.purpose, "BatchGetCustomers").await?),
                 None => out.missing_ids.push(raw.clone()),

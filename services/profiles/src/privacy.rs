@@ -25,19 +25,7 @@ impl ProfilesApi {
         &self,
         req: pb::BatchGetConsentRequest,
     ) -> Result<pb::BatchGetConsentResponse, ApiError> {
-        if req.customer_ids.is_empty() || req.customer_ids.len() > MAX_BATCH {
-            return Err(ApiError::invalid("customer_ids", format!("must hold 1..{MAX_BATCH} ids")));
-        }
-        let mut v = FieldViolations::new();
-        let ids: Vec<Uuid> = req
-            .customer_ids
-            .iter()
-            .enumerate()
-            .filter_map(|(i, s)| {
-                v.check(&format!("customer_ids[{i}]"), Uuid::parse_str(s).map_err(|_| "must be a customer id (UUID)"))
-            })
-            .collect();
-        v.into_result()?;
+        let ids = crm_kit::fields::id_list("customer_ids", &req.customer_ids, MAX_BATCH)?;
         let mut conn = self.pg.acquire().await?;
         let live = store::live_of(&mut conn, &ids).await?;
         let live_ids: Vec<Uuid> = live.values().filter(|(_, erased)| !erased).map(|(id, _)| *id).collect();

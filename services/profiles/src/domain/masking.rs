@@ -29,18 +29,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn formats_follow_spec_section_3() {
-        assert_eq!(phone("+8613812345678"), "138****5678");
-        assert_eq!(phone("+6581234567"), "+658***4567");
-        assert_eq!(email("zhang.san@example.com"), "z***@example.com");
-        assert_eq!(name("张三"), "张*");
-        assert_eq!(name("张伟明"), "张**");
-        assert_eq!(name("Wei Li"), "W*** Li");
-        assert_eq!(name("Madonna"), "M***");
-        assert_eq!(identifier("wx-123456"), "wx*****56");
-    }
-
-    #[test]
     fn a_masked_customer_shows_no_personal_value() {
         let mut c = Customer {
             name: "王小明".into(),
