@@ -2,6 +2,8 @@
 //!
 //! - `<service>` or `<service> serve`: run the server;
 //! - `<service> migrate`: apply migrations and exit (Kubernetes Job);
+//! - `<service> replay --since <time>`: publish the events written since
+//!   then again (REL-3; consumers skip what they have);
 //! - `<service> config`: list the environment variables with defaults.
 //!
 //! A bad configuration value exits with status 2 and a message naming the
@@ -23,7 +25,7 @@ where
     let args: Vec<String> = std::env::args().skip(1).collect();
     let command = args.first().map(String::as_str).unwrap_or("serve");
     match command {
-        "serve" | "migrate" => {}
+        "serve" | "migrate" | "replay" => {}
         "config" => {
             // Written without println!, which panics when the reader goes away (`config | head`).
             use std::io::Write;
@@ -38,9 +40,10 @@ where
             return ExitCode::SUCCESS;
         }
         "-h" | "--help" | "help" => {
-            println!("usage: {} [serve | migrate | config]", spec.name);
+            println!("usage: {} [serve | migrate | replay --since TIME | config]", spec.name);
             println!("  serve    run the gRPC server (default)");
             println!("  migrate  apply database migrations and exit");
+            println!("  replay   publish again the events written since TIME (RFC 3339, or e.g. 6h or 2d ago)");
             println!("  config   list the environment variables, their defaults and meaning");
             return ExitCode::SUCCESS;
         }
@@ -49,6 +52,16 @@ where
             return ExitCode::from(2);
         }
     }
+    let since = match command {
+        "replay" => match replay_since(&args[1..], chrono::Utc::now()) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                eprintln!("{}: {e}", spec.name);
+                return ExitCode::from(2);
+            }
+        },
+        _ => None,
+    };
     let config = match KitConfig::load(spec.name, spec.default_port, &Env::process()) {
         Ok(c) => c,
         Err(e) => {
@@ -66,6 +79,13 @@ where
         };
     let result = runtime.block_on(async move {
         let _telemetry = telemetry::init(&config).map_err(|e| KitError::Wiring(e.to_string()))?;
+        if let Some(since) = since {
+            let pg = crate::db::pg_pool(&config)?;
+            let n = crate::outbox::replay(&pg, since).await.map_err(|e| KitError::Serve(format!("replay: {e}")))?;
+            tracing::info!(events = n, since = %since, "events marked for publishing again; a running replica's relay publishes them");
+            println!("{n} events since {since} will be published again by the relay");
+            return Ok(());
+        }
         if command == "migrate" {
             Kit::migrate_only(spec, &config).await?;
             tracing::info!(schema = %config.database_schema, "migrations applied");
@@ -84,5 +104,44 @@ where
             eprintln!("{}: {e}", spec.name);
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The time of `replay --since TIME`: RFC 3339, or an age such as `6h`, `2d`, `30m`.
+fn replay_since(args: &[String], now: chrono::DateTime<chrono::Utc>) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    let value = match args {
+        [flag, v] if flag == "--since" => v.as_str(),
+        _ => return Err("usage: replay --since TIME (RFC 3339, or an age such as 6h, 2d, 30m)".into()),
+    };
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(value) {
+        return Ok(t.with_timezone(&chrono::Utc));
+    }
+    let (n, unit) = value.split_at(value.len().saturating_sub(1));
+    let n: i64 = n.parse().map_err(|_| format!("--since {value:?}: expected RFC 3339 or an age such as 6h"))?;
+    let age = match unit {
+        "m" => chrono::Duration::minutes(n),
+        "h" => chrono::Duration::hours(n),
+        "d" => chrono::Duration::days(n),
+        _ => return Err(format!("--since {value:?}: an age ends in m, h or d")),
+    };
+    Ok(now - age)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replay_takes_a_time_or_an_age() {
+        let now = chrono::DateTime::parse_from_rfc3339("2026-12-05T12:00:00Z").unwrap().with_timezone(&chrono::Utc);
+        let args = |v: &str| vec!["--since".to_string(), v.to_string()];
+        assert_eq!(replay_since(&args("6h"), now).unwrap(), now - chrono::Duration::hours(6));
+        assert_eq!(replay_since(&args("2d"), now).unwrap(), now - chrono::Duration::days(2));
+        assert_eq!(
+            replay_since(&args("2026-12-01T00:00:00+08:00"), now).unwrap().to_rfc3339(),
+            "2026-11-30T16:00:00+00:00"
+        );
+        assert!(replay_since(&args("soon"), now).is_err());
+        assert!(replay_since(&[], now).is_err());
     }
 }

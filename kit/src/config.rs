@@ -63,7 +63,21 @@ pub const KIT_VARS: &[VarSpec] = &[
         "true",
         "Apply pending migrations when the server starts. Set false when a `migrate` Job runs them (Kubernetes).",
     ),
-    var("REDIS_URL", "redis://127.0.0.1:6379", "Redis URL (cache, counters, event streams)."),
+    var(
+        "REDIS_URL",
+        "redis://127.0.0.1:6379",
+        "Redis URL of both roles, the cache and the event streams, unless REDIS_CACHE_URL or REDIS_STREAMS_URL say otherwise.",
+    ),
+    var(
+        "REDIS_CACHE_URL",
+        "<REDIS_URL>",
+        "Redis of the cache role (hot profiles): may evict (allkeys-lru) and keep nothing on disk.",
+    ),
+    var(
+        "REDIS_STREAMS_URL",
+        "<REDIS_URL>",
+        "Redis of the event streams: must not evict (a service refuses to start on an allkeys-* policy) and should persist (AOF); see docs/operations.md.",
+    ),
     var("REDIS_TIMEOUT_MS", "250", "Per-command Redis timeout; past it the caller falls back or retries (REL-2)."),
     var("LOG_FORMAT", "text", "`text` for humans or `json` for log shippers; both carry trace_id and span_id."),
     var("RUST_LOG", "info", "Log filter in `tracing_subscriber::EnvFilter` syntax, e.g. `info,crm_kit=debug`."),
@@ -141,7 +155,6 @@ pub const KIT_VARS: &[VarSpec] = &[
         "crm",
         "Prefix of the event stream names (`<prefix>.<service>.events`); lets several environments share one Redis.",
     ),
-    var("EVENT_STREAM_MAXLEN", "1000000", "Approximate maximum length of each Redis event stream (XADD MAXLEN ~)."),
     var("CONSUMER_BATCH_SIZE", "100", "Events read per consumer round."),
     var("CONSUMER_BLOCK_MS", "1000", "How long a consumer blocks waiting for new events."),
     var(
@@ -369,8 +382,10 @@ pub struct KitConfig {
     pub database_statement_timeout: Duration,
     /// Run migrations at start.
     pub migrate_on_start: bool,
-    /// Redis URL.
+    /// Redis URL of the cache role.
     pub redis_url: String,
+    /// Redis URL of the event streams.
+    pub redis_streams_url: String,
     /// Redis per-command timeout.
     pub redis_timeout: Duration,
     /// "text" or "json".
@@ -403,8 +418,6 @@ pub struct KitConfig {
     pub outbox_retention: Duration,
     /// Prefix of stream names.
     pub event_stream_prefix: String,
-    /// Approximate max stream length.
-    pub event_stream_maxlen: u64,
     /// Consumer read batch.
     pub consumer_batch_size: usize,
     /// Consumer block time.
@@ -469,7 +482,14 @@ impl KitConfig {
             database_acquire_timeout: env.millis("DATABASE_ACQUIRE_TIMEOUT_MS", 2000)?,
             database_statement_timeout: env.millis("DATABASE_STATEMENT_TIMEOUT_MS", 10_000)?,
             migrate_on_start: env.flag("MIGRATE_ON_START", true)?,
-            redis_url: env.url("REDIS_URL", "redis://127.0.0.1:6379", &["redis", "rediss", "unix"])?,
+            redis_url: match env.raw("REDIS_CACHE_URL") {
+                Some(_) => env.url("REDIS_CACHE_URL", "", &["redis", "rediss", "unix"])?,
+                None => env.url("REDIS_URL", "redis://127.0.0.1:6379", &["redis", "rediss", "unix"])?,
+            },
+            redis_streams_url: match env.raw("REDIS_STREAMS_URL") {
+                Some(_) => env.url("REDIS_STREAMS_URL", "", &["redis", "rediss", "unix"])?,
+                None => env.url("REDIS_URL", "redis://127.0.0.1:6379", &["redis", "rediss", "unix"])?,
+            },
             redis_timeout: env.millis("REDIS_TIMEOUT_MS", 250)?,
             log_format: env.choice("LOG_FORMAT", "text", &["text", "json"])?,
             otlp_endpoint,
@@ -492,7 +512,6 @@ impl KitConfig {
                 }
                 p
             },
-            event_stream_maxlen: env.bounded("EVENT_STREAM_MAXLEN", 1_000_000, 1000, u64::MAX)?,
             consumer_batch_size: env.bounded("CONSUMER_BATCH_SIZE", 100, 1, 10_000)? as usize,
             consumer_block: env.millis("CONSUMER_BLOCK_MS", 1000)?,
             consumer_claim_idle: env.millis("CONSUMER_CLAIM_IDLE_MS", 30_000)?,
@@ -618,6 +637,27 @@ mod tests {
         let err = KitConfig::load("p", 1, &env).unwrap_err();
         assert_eq!(err.var, "JWT_SECRET");
         assert!(!err.to_string().contains("short-secret"), "{err}");
+    }
+
+    #[test]
+    fn the_cache_and_the_streams_use_redis_url_unless_told_otherwise() {
+        let both = KitConfig::load("p", 1, &dev_env(&[("REDIS_URL", "redis://one:6379")])).expect("valid");
+        assert_eq!(
+            (both.redis_url.as_str(), both.redis_streams_url.as_str()),
+            ("redis://one:6379", "redis://one:6379")
+        );
+        let split = KitConfig::load(
+            "p",
+            1,
+            &dev_env(&[("REDIS_CACHE_URL", "redis://cache:6379"), ("REDIS_STREAMS_URL", "redis://streams:6379")]),
+        )
+        .expect("valid");
+        assert_eq!(
+            (split.redis_url.as_str(), split.redis_streams_url.as_str()),
+            ("redis://cache:6379", "redis://streams:6379")
+        );
+        let err = KitConfig::load("p", 1, &dev_env(&[("REDIS_STREAMS_URL", "http://x")])).unwrap_err();
+        assert_eq!(err.var, "REDIS_STREAMS_URL");
     }
 
     #[test]

@@ -13,7 +13,10 @@
 //! - entries pending at a consumer that never came back are claimed by
 //!   another after `CONSUMER_CLAIM_IDLE_MS`;
 //! - a transient failure stops the round (keeping order) and retries with
-//!   backoff; a permanent one moves the event to `kit_dead_events`.
+//!   backoff; a permanent one moves the event to `kit_dead_events`;
+//! - a pending entry that is gone from the stream (deleted by hand: the
+//!   relay trims only what every group is past) is a dead letter too,
+//!   counted as `lost`, never acknowledged silently.
 //!
 //! Each event is handled in a span whose parent is the trace context the
 //! event carries, so a trace continues across the bus.
@@ -319,7 +322,13 @@ impl<H: EventHandler> Consumer<H> {
         let mut failure: Option<ConsumerError> = None;
         for (stream, entry) in entries {
             if entry.map.is_empty() {
-                // Trimmed from the stream while pending: nothing left to apply.
+                // REL-7: gone from the stream before it was applied (trimmed or
+                // deleted by hand): a dead letter to look into, never a silent ack.
+                tracing::error!(stream = %stream, entry = %entry.id, group = %self.settings.group,
+                    "an event was removed from the stream before this consumer applied it");
+                let why = "lost: removed from the stream before it was applied; replay the producer's outbox";
+                self.dead_letter(&mut tx, &stream, &entry.id, None, &[], why).await?;
+                counts.push("lost");
                 acks.push((stream, entry.id));
                 continue;
             }
@@ -423,9 +432,7 @@ impl<H: EventHandler> Consumer<H> {
     async fn settle_set_based(&mut self, entries: &[(String, StreamId)]) -> Result<Option<usize>, ConsumerError> {
         let mut events = Vec::with_capacity(entries.len());
         for (stream, entry) in entries {
-            if entry.map.is_empty() {
-                continue;
-            }
+            // An entry gone from the stream is dead-lettered one at a time.
             let Some(Value::BulkString(raw)) = entry.map.get("envelope") else { return Ok(None) };
             let Ok(envelope) = EventEnvelope::decode(raw.as_slice()) else { return Ok(None) };
             let Ok(id) = Uuid::parse_str(&envelope.event_id) else { return Ok(None) };

@@ -184,6 +184,54 @@ pub async fn pg_reachable(pool: &PgPool, timeout: Duration) -> bool {
     matches!(tokio::time::timeout(timeout, sqlx::query("SELECT 1").execute(pool)).await, Ok(Ok(_)))
 }
 
+/// REL-3: the streams Redis must keep every key. A policy that evicts any
+/// key under memory pressure (`allkeys-*`) would drop whole streams: start-up
+/// is refused, naming `REDIS_STREAMS_URL`. One that keeps nothing on disk
+/// loses unconsumed events on a restart: a warning (the relay publishes
+/// them again from the outbox when it notices). A Redis that cannot be asked
+/// now (down, or CONFIG disabled as on some managed offerings) is not
+/// checked: start-up goes on, as the service must start while Redis is down.
+pub async fn check_streams_redis(url: &str) -> Result<(), ConfigError> {
+    let shown = crate::config::redact_url(url);
+    let Ok(client) = redis::Client::open(url) else { return Ok(()) };
+    let asked = async {
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        let policy: Vec<String> =
+            redis::cmd("CONFIG").arg("GET").arg("maxmemory-policy").query_async(&mut conn).await?;
+        let aof: Vec<String> = redis::cmd("CONFIG").arg("GET").arg("appendonly").query_async(&mut conn).await?;
+        let save: Vec<String> = redis::cmd("CONFIG").arg("GET").arg("save").query_async(&mut conn).await?;
+        Ok::<_, redis::RedisError>((policy.get(1).cloned(), aof.get(1).cloned(), save.get(1).cloned()))
+    };
+    match tokio::time::timeout(Duration::from_secs(2), asked).await {
+        Ok(Ok((policy, aof, save))) => {
+            if let Some(p) = policy.as_deref().filter(|p| p.starts_with("allkeys-")) {
+                return Err(ConfigError::new(
+                    "REDIS_STREAMS_URL",
+                    Some(&shown),
+                    format!(
+                        "this Redis evicts any key under memory pressure (maxmemory-policy {p}), which would drop event streams; \
+                         give the streams a Redis with noeviction (the cache may keep {p} on REDIS_CACHE_URL)"
+                    ),
+                ));
+            }
+            if aof.as_deref() == Some("no") && save.as_deref().is_some_and(|s| s.trim().is_empty()) {
+                tracing::warn!(
+                    redis = %shown,
+                    "the streams Redis keeps nothing on disk: a restart loses the events not yet consumed \
+                     (they are published again from the outbox); run it with appendonly yes in production"
+                );
+            }
+        }
+        Ok(Err(e)) => {
+            tracing::info!(redis = %shown, error = %e, "could not check the streams Redis' eviction and persistence")
+        }
+        Err(_) => {
+            tracing::info!(redis = %shown, "streams Redis not reachable at start; its eviction policy was not checked")
+        }
+    }
+    Ok(())
+}
+
 /// A shared, self-reconnecting Redis connection (multiplexed). Commands time
 /// out after the configured timeout so a slow or dead Redis never stalls a
 /// request (REL-2); callers decide how to fall back.

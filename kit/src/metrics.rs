@@ -44,7 +44,15 @@ pub struct Metrics {
     pub outbox_published: Counter,
     /// `crm_outbox_relay_errors_total`.
     pub outbox_errors: Counter,
-    /// `crm_events_consumed_total{consumer, outcome}` (applied, duplicate, dead_letter).
+    /// `crm_outbox_republished_total`: events published again after the stream lost them.
+    pub outbox_republished: Counter,
+    /// `crm_outbox_duplicates_avoided_total`: events a failed round had appended, recorded rather than appended twice.
+    pub outbox_duplicates_avoided: Counter,
+    /// `crm_stream_losses_total`: times the stream was found behind the outbox.
+    pub stream_losses: Counter,
+    /// `crm_stream_trimmed_total`: entries trimmed once every group was past them.
+    pub stream_trimmed: Counter,
+    /// `crm_events_consumed_total{consumer, outcome}` (applied, duplicate, dead_letter, lost).
     pub events_consumed: Family<Labels, Counter>,
     /// `crm_consumer_errors_total{consumer}`.
     pub consumer_errors: Family<Labels, Counter>,
@@ -75,6 +83,10 @@ impl Metrics {
             outbox_lag_seconds: Gauge::default(),
             outbox_published: Counter::default(),
             outbox_errors: Counter::default(),
+            outbox_republished: Counter::default(),
+            outbox_duplicates_avoided: Counter::default(),
+            stream_losses: Counter::default(),
+            stream_trimmed: Counter::default(),
             events_consumed: Family::default(),
             consumer_errors: Family::default(),
             serving: Gauge::default(),
@@ -107,6 +119,26 @@ impl Metrics {
             "outbox_relay_errors",
             "Failed relay rounds (e.g. Redis unreachable)",
             m.outbox_errors.clone(),
+        );
+        registry.register(
+            "outbox_republished",
+            "Events published again because the stream had lost them",
+            m.outbox_republished.clone(),
+        );
+        registry.register(
+            "outbox_duplicates_avoided",
+            "Events a failed relay round had appended, recorded instead of appended twice",
+            m.outbox_duplicates_avoided.clone(),
+        );
+        registry.register(
+            "stream_losses",
+            "Times the stream was found behind what the outbox recorded (Redis lost entries)",
+            m.stream_losses.clone(),
+        );
+        registry.register(
+            "stream_trimmed",
+            "Stream entries trimmed once every consumer group was past them",
+            m.stream_trimmed.clone(),
         );
         registry.register("events_consumed", "Events handled by consumers, by outcome", m.events_consumed.clone());
         registry.register("consumer_errors", "Transient consumer failures (retried)", m.consumer_errors.clone());

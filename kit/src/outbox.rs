@@ -1,15 +1,26 @@
-//! The transactional outbox and its relay to Redis Streams (SPEC 2, REL-3).
+//! The transactional outbox and its relay to Redis Streams (SPEC 2, REL-3,
+//! REL-7).
 //!
 //! A service calls [`enqueue`] inside the transaction that changes its state,
 //! so the event exists if and only if the change committed. The
 //! [`OutboxRelay`] publishes unpublished rows, oldest first, to the stream
-//! `crm.<service>.events` and marks them published in the same PostgreSQL
-//! transaction. Only one replica publishes at a time (a transaction-scoped
-//! advisory lock), which keeps the commit order of each aggregate; the others
-//! stand by and take over at once if it dies. If Redis is unreachable the
-//! transaction rolls back and the events wait; they flow when Redis returns.
-//! A crash between XADD and the commit publishes a batch twice: delivery is
-//! at-least-once and consumers deduplicate by event id.
+//! `crm.<service>.events` and records, in the same PostgreSQL transaction,
+//! where each landed in the stream. Only one replica publishes at a time (a
+//! transaction-scoped advisory lock), which keeps the commit order of each
+//! aggregate; the others stand by and take over at once if it dies. If Redis
+//! is unreachable the transaction rolls back and the events wait; they flow
+//! when Redis returns. Delivery is at-least-once; consumers deduplicate by
+//! event id. Nothing is lost:
+//!
+//! - the stream is trimmed only below the oldest entry a consumer group
+//!   still needs (pending, or not yet delivered), never by length;
+//! - published rows are kept `OUTBOX_RETENTION_HOURS`; when the stream is
+//!   behind what the outbox recorded (Redis restarted without persistence,
+//!   a failover to a replica that lagged), the relay publishes again what
+//!   the stream lost;
+//! - after a round that failed once Redis may have appended its entries (a
+//!   timeout, a failed commit), the next round looks for them at the tail of
+//!   the stream instead of appending them twice.
 
 use std::time::{Duration, Instant};
 
@@ -181,6 +192,22 @@ pub async fn enqueue_many<T: prost::Name + Message>(
     Ok(())
 }
 
+/// Marks the events written since `since` for publishing again (the
+/// `replay` subcommand): the relay of a running replica publishes them in
+/// their order, and consumers, which apply each event once, skip those they
+/// have. For an operator who knows a stream lost entries the relay could not
+/// see, or a new read model that needs the past. Returns how many.
+pub async fn replay(pool: &PgPool, since: chrono::DateTime<chrono::Utc>) -> Result<u64, sqlx::Error> {
+    Ok(sqlx::query(
+        "UPDATE kit_outbox SET published_at = NULL, stream_ms = NULL, stream_seq = NULL \
+         WHERE created_at >= $1 AND published_at IS NOT NULL",
+    )
+    .bind(since)
+    .execute(pool)
+    .await?
+    .rows_affected())
+}
+
 /// Why a relay round failed (it is retried).
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
@@ -192,6 +219,33 @@ pub enum RelayError {
     Redis(#[from] redis::RedisError),
 }
 
+/// A position in a stream: the two numbers of an entry id `<ms>-<seq>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct StreamPosition {
+    /// Milliseconds part.
+    pub ms: i64,
+    /// Sequence part.
+    pub seq: i64,
+}
+
+impl StreamPosition {
+    /// Parses `<ms>-<seq>`.
+    pub fn parse(id: &str) -> Option<Self> {
+        let (ms, seq) = id.split_once('-')?;
+        Some(Self { ms: ms.parse().ok()?, seq: seq.parse().ok()? })
+    }
+
+    /// The id right after this one (for `XTRIM MINID`).
+    pub fn next(self) -> Self {
+        Self { ms: self.ms, seq: self.seq + 1 }
+    }
+
+    /// As an entry id.
+    pub fn id(self) -> String {
+        format!("{}-{}", self.ms, self.seq)
+    }
+}
+
 /// Publishes a service's outbox to its stream.
 #[derive(Debug, Clone)]
 pub struct OutboxRelay {
@@ -200,10 +254,14 @@ pub struct OutboxRelay {
     stream: String,
     batch_size: i64,
     poll_interval: Duration,
-    maxlen: u64,
     retention: Duration,
     metrics: Metrics,
+    /// Set when a round failed after Redis may have appended its batch.
+    suspect: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
+
+/// The advisory lock of a schema's relay.
+const RELAY_LOCK: &str = "SELECT pg_try_advisory_xact_lock(hashtext('kit_outbox:' || current_schema()))";
 
 impl OutboxRelay {
     /// A relay of `service`'s outbox to `crm.<service>.events`.
@@ -214,9 +272,9 @@ impl OutboxRelay {
             stream: stream_name("crm", service),
             batch_size: 500,
             poll_interval: Duration::from_millis(100),
-            maxlen: 1_000_000,
             retention: Duration::from_secs(7 * 24 * 3600),
             metrics,
+            suspect: Default::default(),
         }
     }
 
@@ -225,19 +283,21 @@ impl OutboxRelay {
         self.stream = stream_name(&config.event_stream_prefix, service);
         self.batch_size = config.outbox_batch_size;
         self.poll_interval = config.outbox_poll_interval;
-        self.maxlen = config.event_stream_maxlen;
         self.retention = config.outbox_retention;
         self
+    }
+
+    /// The stream it publishes to.
+    pub fn stream(&self) -> &str {
+        &self.stream
     }
 
     /// Publishes at most one batch. Returns how many events were published;
     /// 0 when there was nothing to do or another replica holds the lock.
     pub async fn publish_once(&self) -> Result<usize, RelayError> {
+        use std::sync::atomic::Ordering;
         let mut tx = self.pool.begin().await?;
-        let locked: bool =
-            sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtext('kit_outbox:' || current_schema()))")
-                .fetch_one(&mut *tx)
-                .await?;
+        let locked: bool = sqlx::query_scalar(RELAY_LOCK).fetch_one(&mut *tx).await?;
         if !locked {
             return Ok(0);
         }
@@ -248,34 +308,214 @@ impl OutboxRelay {
         .fetch_all(&mut *tx)
         .await?;
         if rows.is_empty() {
+            self.suspect.store(false, Ordering::SeqCst);
             return Ok(0);
         }
-        let mut pipe = redis::pipe();
-        for (_, event_id, event_type, envelope) in &rows {
-            pipe.cmd("XADD")
-                .arg(&self.stream)
-                .arg("MAXLEN")
-                .arg("~")
-                .arg(self.maxlen)
-                .arg("*")
-                .arg("event_id")
-                .arg(event_id.to_string())
-                .arg("event_type")
-                .arg(event_type)
-                .arg("envelope")
-                .arg(envelope.as_slice())
-                .ignore();
-        }
         let mut conn = self.redis.conn();
-        pipe.query_async::<()>(&mut conn).await?;
-        let ids: Vec<i64> = rows.iter().map(|r| r.0).collect();
-        sqlx::query("UPDATE kit_outbox SET published_at = now() WHERE id = ANY($1)")
-            .bind(&ids)
+        // A failed round may have left its entries in the stream: find them instead of appending them again.
+        let mut landed: std::collections::HashMap<Uuid, StreamPosition> = Default::default();
+        if self.suspect.load(Ordering::SeqCst) {
+            landed = self.tail(&mut conn, self.batch_size as usize).await?;
+            landed.retain(|id, _| rows.iter().any(|r| r.1 == *id));
+        }
+        let fresh: Vec<&(i64, Uuid, String, Vec<u8>)> = rows.iter().filter(|r| !landed.contains_key(&r.1)).collect();
+        let mut ids: Vec<String> = Vec::new();
+        if !fresh.is_empty() {
+            let mut pipe = redis::pipe();
+            for (_, event_id, event_type, envelope) in &fresh {
+                pipe.cmd("XADD")
+                    .arg(&self.stream)
+                    .arg("*")
+                    .arg("event_id")
+                    .arg(event_id.to_string())
+                    .arg("event_type")
+                    .arg(event_type)
+                    .arg("envelope")
+                    .arg(envelope.as_slice());
+            }
+            ids = match pipe.query_async(&mut conn).await {
+                Ok(ids) => ids,
+                Err(e) => {
+                    // A timeout may come after Redis appended them.
+                    self.suspect.store(true, Ordering::SeqCst);
+                    return Err(e.into());
+                }
+            };
+        }
+        let mut positions: Vec<(i64, StreamPosition)> =
+            rows.iter().filter_map(|r| landed.get(&r.1).map(|p| (r.0, *p))).collect();
+        for ((id, ..), entry) in fresh.iter().zip(&ids) {
+            positions.push((*id, StreamPosition::parse(entry).unwrap_or_default()));
+        }
+        let (row_ids, ms, seq): (Vec<i64>, Vec<i64>, Vec<i64>) =
+            positions.iter().fold((Vec::new(), Vec::new(), Vec::new()), |mut acc, (id, p)| {
+                acc.0.push(*id);
+                acc.1.push(p.ms);
+                acc.2.push(p.seq);
+                acc
+            });
+        let recorded = async {
+            sqlx::query(
+                "UPDATE kit_outbox o SET published_at = now(), stream_ms = t.ms, stream_seq = t.seq \
+                 FROM UNNEST($1::bigint[], $2::bigint[], $3::bigint[]) AS t(id, ms, seq) WHERE o.id = t.id",
+            )
+            .bind(&row_ids)
+            .bind(&ms)
+            .bind(&seq)
             .execute(&mut *tx)
             .await?;
-        tx.commit().await?;
-        self.metrics.outbox_published.inc_by(rows.len() as u64);
+            tx.commit().await
+        };
+        if let Err(e) = recorded.await {
+            self.suspect.store(true, Ordering::SeqCst);
+            return Err(e.into());
+        }
+        self.suspect.store(false, Ordering::SeqCst);
+        self.metrics.outbox_published.inc_by(fresh.len() as u64);
+        if !landed.is_empty() {
+            self.metrics.outbox_duplicates_avoided.inc_by(landed.len() as u64);
+            tracing::info!(stream = %self.stream, events = landed.len(), "events a failed round had appended were recorded, not appended again");
+        }
         Ok(rows.len())
+    }
+
+    /// The event ids among the last `n` entries of the stream.
+    async fn tail(
+        &self,
+        conn: &mut redis::aio::ConnectionManager,
+        n: usize,
+    ) -> Result<std::collections::HashMap<Uuid, StreamPosition>, RelayError> {
+        let reply: redis::streams::StreamRangeReply = redis::cmd("XREVRANGE")
+            .arg(&self.stream)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(n.max(1))
+            .query_async(conn)
+            .await?;
+        Ok(reply
+            .ids
+            .into_iter()
+            .filter_map(|e| {
+                let id: String = e.get("event_id")?;
+                Some((Uuid::parse_str(&id).ok()?, StreamPosition::parse(&e.id)?))
+            })
+            .collect())
+    }
+
+    /// The last id the stream generated; `None` if the stream does not exist.
+    async fn last_generated(
+        &self,
+        conn: &mut redis::aio::ConnectionManager,
+    ) -> Result<Option<StreamPosition>, RelayError> {
+        let reply: Result<redis::Value, redis::RedisError> =
+            redis::cmd("XINFO").arg("STREAM").arg(&self.stream).query_async(conn).await;
+        let value = match reply {
+            Ok(v) => v,
+            Err(e) if e.to_string().contains("no such key") => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let fields: Vec<(String, redis::Value)> = match value {
+            redis::Value::Map(pairs) => pairs
+                .into_iter()
+                .filter_map(|(k, v)| redis::from_redis_value::<String>(k).ok().map(|k| (k, v)))
+                .collect(),
+            redis::Value::Array(items) => items
+                .chunks(2)
+                .filter_map(|kv| match kv {
+                    [k, v] => redis::from_redis_value::<String>(k.clone()).ok().map(|k| (k, v.clone())),
+                    _ => None,
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        Ok(fields
+            .into_iter()
+            .find(|(k, _)| k == "last-generated-id")
+            .and_then(|(_, v)| redis::from_redis_value::<String>(v).ok())
+            .and_then(|id| StreamPosition::parse(&id)))
+    }
+
+    /// REL-3, REL-7: if the stream is behind the last position the outbox
+    /// recorded, it lost entries (a Redis restart without persistence, a
+    /// failover to a replica that lagged): the rows it lost are marked for
+    /// publishing again, in their order. Consumers apply each event once, so
+    /// publishing one again is safe. Returns how many rows were marked; None
+    /// when another replica's relay holds the lock.
+    pub async fn repair(&self) -> Result<Option<u64>, RelayError> {
+        let mut tx = self.pool.begin().await?;
+        let locked: bool = sqlx::query_scalar(RELAY_LOCK).fetch_one(&mut *tx).await?;
+        if !locked {
+            return Ok(None);
+        }
+        let recorded: Option<(i64, i64)> = sqlx::query_as(
+            "SELECT stream_ms, stream_seq FROM kit_outbox WHERE published_at IS NOT NULL AND stream_ms IS NOT NULL \
+             ORDER BY stream_ms DESC, stream_seq DESC LIMIT 1",
+        )
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((ms, seq)) = recorded else { return Ok(Some(0)) };
+        let recorded = StreamPosition { ms, seq };
+        let mut conn = self.redis.conn();
+        let last = self.last_generated(&mut conn).await?.unwrap_or_default();
+        if last >= recorded {
+            return Ok(Some(0));
+        }
+        let marked = sqlx::query(
+            "UPDATE kit_outbox SET published_at = NULL, stream_ms = NULL, stream_seq = NULL \
+             WHERE published_at IS NOT NULL AND (stream_ms, stream_seq) > ($1, $2)",
+        )
+        .bind(last.ms)
+        .bind(last.seq)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        self.metrics.stream_losses.inc();
+        self.metrics.outbox_republished.inc_by(marked);
+        tracing::warn!(
+            stream = %self.stream,
+            stream_last = %last.id(),
+            outbox_last = %recorded.id(),
+            events = marked,
+            "the stream lost entries (Redis restarted without persistence, or failed over to a replica that lagged): publishing them again from the outbox"
+        );
+        Ok(Some(marked))
+    }
+
+    /// REL-7: trims the stream below the oldest entry a consumer group still
+    /// needs (its oldest pending entry, else the one after the last it was
+    /// delivered). Nothing is trimmed while no group reads the stream.
+    /// Returns how many entries went.
+    pub async fn trim(&self) -> Result<u64, RelayError> {
+        let mut conn = self.redis.conn();
+        let groups: redis::streams::StreamInfoGroupsReply =
+            match redis::cmd("XINFO").arg("GROUPS").arg(&self.stream).query_async(&mut conn).await {
+                Ok(g) => g,
+                Err(e) if e.to_string().contains("no such key") => return Ok(0),
+                Err(e) => return Err(e.into()),
+            };
+        let mut floor: Option<StreamPosition> = None;
+        for group in &groups.groups {
+            let needed = if group.pending > 0 {
+                let pending: redis::streams::StreamPendingReply =
+                    redis::cmd("XPENDING").arg(&self.stream).arg(&group.name).query_async(&mut conn).await?;
+                match pending {
+                    redis::streams::StreamPendingReply::Data(d) => StreamPosition::parse(&d.start_id),
+                    // Acknowledged meanwhile: keep all, the next round sees more.
+                    _ => None,
+                }
+            } else {
+                StreamPosition::parse(&group.last_delivered_id).map(StreamPosition::next)
+            };
+            let Some(needed) = needed else { return Ok(0) };
+            floor = Some(floor.map_or(needed, |f| f.min(needed)));
+        }
+        let Some(floor) = floor else { return Ok(0) };
+        let trimmed: u64 =
+            redis::cmd("XTRIM").arg(&self.stream).arg("MINID").arg(floor.id()).query_async(&mut conn).await?;
+        self.metrics.stream_trimmed.inc_by(trimmed);
+        Ok(trimmed)
     }
 
     /// Refreshes the outbox lag gauges.
@@ -302,11 +542,12 @@ impl OutboxRelay {
     }
 
     /// Runs until shutdown: publishes, backs off on errors (up to 5 s), keeps
-    /// the lag gauges fresh and purges old rows.
+    /// the lag gauges fresh, checks the stream for losses every second, trims
+    /// it every ten and purges old rows every minute.
     pub async fn run(self, shutdown: ShutdownSignal) {
         let mut backoff = self.poll_interval;
-        let mut last_housekeeping = Instant::now() - Duration::from_secs(3600);
-        let mut last_lag = Instant::now() - Duration::from_secs(60);
+        let long_ago = Instant::now() - Duration::from_secs(3600);
+        let (mut last_purge, mut last_trim, mut last_second) = (long_ago, long_ago, long_ago);
         loop {
             if shutdown.is_triggered() {
                 break;
@@ -324,12 +565,21 @@ impl OutboxRelay {
                     backoff
                 }
             };
-            if last_lag.elapsed() >= Duration::from_secs(1) {
-                last_lag = Instant::now();
+            if last_second.elapsed() >= Duration::from_secs(1) {
+                last_second = Instant::now();
                 let _ = self.observe_lag().await;
+                if let Err(e) = self.repair().await {
+                    tracing::debug!(error = %e, "stream loss check failed");
+                }
             }
-            if last_housekeeping.elapsed() >= Duration::from_secs(60) {
-                last_housekeeping = Instant::now();
+            if last_trim.elapsed() >= Duration::from_secs(10) {
+                last_trim = Instant::now();
+                if let Err(e) = self.trim().await {
+                    tracing::debug!(error = %e, "stream trim failed");
+                }
+            }
+            if last_purge.elapsed() >= Duration::from_secs(60) {
+                last_purge = Instant::now();
                 if let Err(e) = self.purge().await {
                     tracing::debug!(error = %e, "outbox purge failed");
                 }
@@ -340,5 +590,20 @@ impl OutboxRelay {
         }
         // Publish what is left so a clean shutdown leaves nothing behind.
         let _ = tokio::time::timeout(Duration::from_secs(2), self.publish_once()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_positions_order_as_redis_does() {
+        let p = |s| StreamPosition::parse(s).expect(s);
+        assert!(p("10-0") > p("9-5"));
+        assert!(p("10-1") > p("10-0"));
+        assert_eq!(p("10-1").next().id(), "10-2");
+        assert_eq!(StreamPosition::parse("nope"), None);
+        assert_eq!(StreamPosition::default().id(), "0-0");
     }
 }

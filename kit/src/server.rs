@@ -90,8 +90,10 @@ pub struct Kit {
     pub spec: ServiceSpec,
     /// PostgreSQL pool (search_path = the service's schema).
     pub pg: PgPool,
-    /// Redis.
+    /// Redis of the cache role (`REDIS_CACHE_URL`).
     pub redis: Redis,
+    /// Redis of the event streams (`REDIS_STREAMS_URL`).
+    pub streams: Redis,
     /// Metrics registry.
     pub metrics: Metrics,
     /// Token verification.
@@ -109,6 +111,8 @@ impl Kit {
     pub async fn start(spec: ServiceSpec, config: KitConfig) -> Result<Self, KitError> {
         let pg = db::pg_pool(&config)?;
         let redis = Redis::connect(&config.redis_url, config.redis_timeout)?;
+        let streams = Redis::connect(&config.redis_streams_url, config.redis_timeout)?;
+        db::check_streams_redis(&config.redis_streams_url).await?;
         let auth = Authenticator::new(&config.auth).map_err(|e| KitError::Wiring(e.to_string()))?;
         let metrics = Metrics::new(spec.name);
         let (health, _) = tonic_health::server::health_reporter();
@@ -120,8 +124,18 @@ impl Kit {
         if config.migrate_on_start {
             migrate_with_retry(&pg, &config.database_schema, spec.migrator, Duration::from_secs(30)).await?;
         }
-        let mut kit =
-            Kit { config, spec, pg, redis, metrics, auth, health, shutdown: Shutdown::new(), tasks: Vec::new() };
+        let mut kit = Kit {
+            config,
+            spec,
+            pg,
+            redis,
+            streams,
+            metrics,
+            auth,
+            health,
+            shutdown: Shutdown::new(),
+            tasks: Vec::new(),
+        };
         kit.spawn_health_watcher();
         kit.spawn_retention();
         Ok(kit)
@@ -152,7 +166,7 @@ impl Kit {
 
     /// Starts the outbox relay of this service.
     pub fn spawn_outbox_relay(&mut self) {
-        let relay = OutboxRelay::new(self.pg.clone(), self.redis.clone(), self.spec.name, self.metrics.clone())
+        let relay = OutboxRelay::new(self.pg.clone(), self.streams.clone(), self.spec.name, self.metrics.clone())
             .configured(&self.config, self.spec.name);
         let signal = self.shutdown.signal();
         self.spawn(relay.run(signal));
@@ -194,8 +208,9 @@ impl Kit {
         settings: ConsumerSettings,
         handler: H,
     ) -> Result<(), KitError> {
-        let consumer = Consumer::new(self.pg.clone(), &self.config.redis_url, settings, handler, self.metrics.clone())
-            .map_err(|e| ConfigError::new("REDIS_URL", None, e.to_string()))?;
+        let consumer =
+            Consumer::new(self.pg.clone(), &self.config.redis_streams_url, settings, handler, self.metrics.clone())
+                .map_err(|e| ConfigError::new("REDIS_STREAMS_URL", None, e.to_string()))?;
         let signal = self.shutdown.signal();
         self.spawn(consumer.run(signal));
         Ok(())

@@ -303,3 +303,71 @@ impl crate::privacy::TextMasker for NamesMasker {
         })
     }
 }
+
+/// A redis-server of a test's own on a free port, for fault tests: kill it,
+/// restart it (empty: it keeps nothing on disk) or pause it, without touching
+/// the Redis other tests share. Killed when dropped.
+#[derive(Debug)]
+pub struct PrivateRedis {
+    child: Option<std::process::Child>,
+    args: Vec<String>,
+    /// Its port.
+    pub port: u16,
+    /// `redis://127.0.0.1:<port>`.
+    pub url: String,
+}
+
+impl PrivateRedis {
+    /// Starts one with these extra arguments (e.g. `--maxmemory-policy allkeys-lru`).
+    pub async fn start(args: &[&str]) -> PrivateRedis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        let mut redis = PrivateRedis {
+            child: None,
+            args: args.iter().map(|a| a.to_string()).collect(),
+            port,
+            url: format!("redis://127.0.0.1:{port}"),
+        };
+        redis.restart().await;
+        redis
+    }
+
+    /// Kills it at once (SIGKILL): what it held is gone.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Kills it if it runs, then starts it again on the same port, empty.
+    pub async fn restart(&mut self) {
+        self.kill();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(&self.args)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (make test installs it)");
+        self.child = Some(child);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(client) = redis::Client::open(self.url.as_str())
+                && let Ok(mut conn) = client.get_multiplexed_async_connection().await
+                && redis::cmd("PING").query_async::<String>(&mut conn).await.is_ok()
+            {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "the private redis-server did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -75,6 +75,14 @@ app.kubernetes.io/component: server
     secretKeyRef:
       name: {{ .root.Values.redis.existingSecret | default (include "retention.secretName" .root) }}
       key: {{ .root.Values.redis.existingSecretKey }}
+{{- $streams := .root.Values.redis.streams | default dict }}
+{{- if or $streams.url $streams.existingSecret }}
+- name: REDIS_STREAMS_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ $streams.existingSecret | default (include "retention.secretName" .root) }}
+      key: {{ $streams.existingSecretKey | default "redis-streams-url" }}
+{{- end }}
 - name: JWT_SECRET_FILE
   value: /var/run/secrets/crm/jwt/{{ .root.Values.jwt.existingSecretKey }}
 - name: JWT_ISSUER
