@@ -1,5 +1,8 @@
 //! SEG-7 background work, safe with any number of replicas: recompute
-//! operations are claimed with `FOR UPDATE SKIP LOCKED`; the schedule
+//! operations are claimed with `FOR UPDATE SKIP LOCKED` and stay their
+//! runner's while it heartbeats; one whose runner stopped heartbeating for a
+//! lease (`SEGMENTATION_OPERATION_LEASE_SECONDS`) is taken over and run again
+//! by another replica (REL-7; a recompute run twice ends the same); the schedule
 //! inserts at most one operation per hour, and a calibration when the month
 //! has none yet, under an advisory lock; a full recompute runs one at a time
 //! (its own advisory lock); the incremental recompute claims dirty customers
@@ -55,45 +58,75 @@ pub async fn schedule(pool: &PgPool) -> Result<(), sqlx::Error> {
     tx.commit().await
 }
 
+/// How long a claimed operation stays its runner's without a heartbeat.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
+
+/// Records progress, as long as `worker` still holds the operation.
 async fn set(
     pool: &PgPool,
     id: Uuid,
+    worker: &str,
     state: OperationState,
     progress: i16,
     step: &str,
     error: &str,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "UPDATE recompute_operations SET state = $2, progress = $3, step = $4, error = $5, \
-         ended_at = CASE WHEN $2 IN (3, 4) THEN now() ELSE ended_at END WHERE operation_id = $1",
+        "UPDATE recompute_operations SET state = $2, progress = $3, step = $4, error = $5, heartbeat_at = now(), \
+         ended_at = CASE WHEN $2 IN (3, 4) THEN now() ELSE ended_at END WHERE operation_id = $1 AND claimed_by = $6",
     )
     .bind(id)
     .bind(state as i16)
     .bind(progress)
     .bind(step)
     .bind(error)
+    .bind(worker)
     .execute(pool)
     .await?;
     Ok(())
 }
 
-/// Claims and runs the oldest pending operation, if any. Returns whether one ran.
+/// Claims and runs the oldest pending operation, or one whose runner stopped
+/// heartbeating for [`DEFAULT_LEASE`]. Returns whether one ran.
 pub async fn run_one(pool: &PgPool, worker: &str, thresholds: &Thresholds) -> Result<bool, sqlx::Error> {
+    run_one_leased(pool, worker, thresholds, DEFAULT_LEASE).await
+}
+
+/// [`run_one`] with a lease of `lease`: the runner heartbeats every third of it.
+pub async fn run_one_leased(
+    pool: &PgPool,
+    worker: &str,
+    thresholds: &Thresholds,
+    lease: Duration,
+) -> Result<bool, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let claimed: Option<(Uuid, i16)> = sqlx::query_as(
-        "SELECT operation_id, scope FROM recompute_operations WHERE state = 1 ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED",
+    let claimed: Option<(Uuid, i16, i16, Option<String>)> = sqlx::query_as(
+        "SELECT operation_id, scope, state, claimed_by FROM recompute_operations \
+         WHERE state = 1 OR (state = 2 AND (heartbeat_at IS NULL OR heartbeat_at < now() - make_interval(secs => $1))) \
+         ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED",
     )
+    .bind(lease.as_secs_f64())
     .fetch_optional(&mut *tx)
     .await?;
-    let Some((id, scope)) = claimed else { return Ok(false) };
+    let Some((id, scope, was, before)) = claimed else { return Ok(false) };
+    let step = match (was, before) {
+        (2, Some(dead)) => {
+            tracing::warn!(operation = %id, runner = %dead, "taking over a recompute whose runner stopped heartbeating");
+            format!("taken over from {dead}")
+        }
+        _ => "starting".to_string(),
+    };
     sqlx::query(
-        "UPDATE recompute_operations SET state = 2, claimed_by = $2, step = 'starting' WHERE operation_id = $1",
+        "UPDATE recompute_operations SET state = 2, claimed_by = $2, step = $3, heartbeat_at = now(), attempts = attempts + 1 \
+         WHERE operation_id = $1",
     )
     .bind(id)
     .bind(worker)
+    .bind(step)
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
+    let heartbeat = tokio::spawn(heartbeat(pool.clone(), id, worker.to_string(), lease / 3));
     let now = Utc::now();
     let result = async {
         let mode = match RecomputeScope::try_from(i32::from(scope)) {
@@ -106,27 +139,51 @@ pub async fn run_one(pool: &PgPool, worker: &str, thresholds: &Thresholds) -> Re
                 recompute::Mode::Calibration => "calibration and scores (RFM, tiers, grid, lifecycle, churn)",
                 recompute::Mode::Full => "scores (RFM, tiers, grid, lifecycle, churn)",
             };
-            set(pool, id, OperationState::Running, 10, step, "").await?;
+            set(pool, id, worker, OperationState::Running, 10, step, "").await?;
             recompute::run_mode(pool, thresholds, now, mode).await.map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
         }
-        set(pool, id, OperationState::Running, 70, "segment membership", "").await?;
+        set(pool, id, worker, OperationState::Running, 70, "segment membership", "").await?;
         let mut conn = pool.acquire().await?;
         segments::refresh(&mut conn, now, None).await.map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
         Ok::<_, sqlx::Error>(())
     }
     .await;
+    heartbeat.abort();
     match result {
-        Ok(()) => set(pool, id, OperationState::Succeeded, 100, "done", "").await?,
+        Ok(()) => set(pool, id, worker, OperationState::Succeeded, 100, "done", "").await?,
         Err(e) => {
             tracing::error!(operation = %id, error = %e, "recompute failed");
-            set(pool, id, OperationState::Failed, 100, "failed", &e.to_string()).await?;
+            set(pool, id, worker, OperationState::Failed, 100, "failed", &e.to_string()).await?;
         }
     }
     Ok(true)
 }
 
-/// Runs until shutdown: schedules and works off pending operations.
-pub async fn run(pool: PgPool, worker: String, thresholds: Thresholds, shutdown: ShutdownSignal) {
+/// Keeps a claimed operation its runner's until aborted or taken over.
+async fn heartbeat(pool: PgPool, id: Uuid, worker: String, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        let kept = sqlx::query(
+            "UPDATE recompute_operations SET heartbeat_at = now() WHERE operation_id = $1 AND claimed_by = $2 AND state = 2",
+        )
+        .bind(id)
+        .bind(&worker)
+        .execute(&pool)
+        .await;
+        match kept {
+            Ok(r) if r.rows_affected() == 0 => {
+                tracing::warn!(operation = %id, "another replica took the operation over: its result will count");
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(operation = %id, error = %e, "operation heartbeat failed"),
+        }
+    }
+}
+
+/// Runs until shutdown: schedules and works off pending operations (and
+/// ones whose runner stopped heartbeating for `lease`).
+pub async fn run(pool: PgPool, worker: String, thresholds: Thresholds, lease: Duration, shutdown: ShutdownSignal) {
     let mut last_schedule = std::time::Instant::now() - Duration::from_secs(3600);
     loop {
         if last_schedule.elapsed() >= Duration::from_secs(60) {
@@ -135,7 +192,7 @@ pub async fn run(pool: PgPool, worker: String, thresholds: Thresholds, shutdown:
                 tracing::warn!(error = %e, "could not schedule the recompute");
             }
         }
-        let ran = match run_one(&pool, &worker, &thresholds).await {
+        let ran = match run_one_leased(&pool, &worker, &thresholds, lease).await {
             Ok(ran) => ran,
             Err(e) => {
                 tracing::warn!(error = %e, "recompute worker round failed");

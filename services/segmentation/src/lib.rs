@@ -88,6 +88,11 @@ pub const SEGMENTATION_VARS: &[VarSpec] = &[
         "SEG-7: pause of the incremental recompute when no customer is waiting.",
     ),
     var(
+        "SEGMENTATION_OPERATION_LEASE_SECONDS",
+        "30",
+        "SEG-7, REL-7: a recompute whose runner stopped heartbeating this long is taken over by another replica.",
+    ),
+    var(
         "SEGMENTATION_CONSUMERS",
         "2",
         "Event batches a replica applies to the read model at once (consumers of the replica's group), 1 to 16.",
@@ -103,6 +108,8 @@ pub struct SegmentationConfig {
     pub incremental_idle: std::time::Duration,
     /// `SEGMENTATION_CONSUMERS`.
     pub consumers: usize,
+    /// `SEGMENTATION_OPERATION_LEASE_SECONDS`.
+    pub operation_lease: std::time::Duration,
 }
 
 impl SegmentationConfig {
@@ -176,7 +183,9 @@ impl SegmentationConfig {
         )?;
         let incremental_idle = env.millis("SEGMENTATION_INCREMENTAL_IDLE_MS", 200)?;
         let consumers = env.bounded("SEGMENTATION_CONSUMERS", 2, 1, 16)? as usize;
-        Ok(Self { thresholds: t, incremental_idle, consumers })
+        let operation_lease =
+            std::time::Duration::from_secs(env.bounded("SEGMENTATION_OPERATION_LEASE_SECONDS", 30, 3, 3600)?);
+        Ok(Self { thresholds: t, incremental_idle, consumers, operation_lease })
     }
 }
 
@@ -225,7 +234,8 @@ pub async fn run(mut kit: Kit) -> Result<(), KitError> {
     kit.spawn_outbox_relay();
     kit.spawn_consumers(&["profiles", "feedback"], read_model::ReadModel, config.consumers)?;
     let signal = kit.shutdown_signal();
-    kit.spawn(jobs::run(kit.pg.clone(), kit.config.consumer_name.clone(), config.thresholds.clone(), signal));
+    let worker = kit.config.consumer_name.clone();
+    kit.spawn(jobs::run(kit.pg.clone(), worker, config.thresholds.clone(), config.operation_lease, signal));
     let signal = kit.shutdown_signal();
     kit.spawn(jobs::run_incremental(kit.pg.clone(), config.thresholds, config.incremental_idle, signal));
     let routes = tonic::service::Routes::new(

@@ -345,6 +345,71 @@ async fn seg7_two_workers_at_once_claim_each_operation_once_and_recompute_one_at
     assert_eq!(moves_after, 1500, "the operation moved nothing new");
 }
 
+#[tokio::test]
+async fn rel7_an_operation_whose_runner_stopped_heartbeating_is_taken_over_and_a_live_one_is_not() {
+    use crm_proto::segmentation::v1::{OperationState, RecomputeScope};
+    use crm_segmentation::jobs;
+    let config = testing::config("segmentation").await;
+    let pool = crm_kit::db::pg_pool(&config).expect("pool");
+    crm_kit::db::migrate(&pool, &config.database_schema, crm_segmentation::SPEC.migrator).await.expect("migrate");
+    load(&pool, 200).await;
+    let thresholds = Thresholds::default();
+    let lease = std::time::Duration::from_secs(3);
+    let running = |heartbeat: &'static str, runner: &'static str| {
+        let pool = pool.clone();
+        async move {
+            let op = jobs::request(&pool, RecomputeScope::Full).await.expect("request");
+            // Claimed by a runner that is alive (heartbeat now), dead (a minute ago), or from before leases (none).
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "UPDATE recompute_operations SET state = 2, claimed_by = $2, attempts = 1, heartbeat_at = {heartbeat} \
+                 WHERE operation_id = $1"
+            )))
+            .bind(op)
+            .bind(runner)
+            .execute(&pool)
+            .await
+            .expect("claimed");
+            op
+        }
+    };
+    let alive = running("now()", "replica-alive").await;
+    assert!(
+        !jobs::run_one_leased(&pool, "replica-b", &thresholds, lease).await.expect("round"),
+        "a live runner keeps it"
+    );
+    let dead = running("now() - interval '1 minute'", "replica-dead").await;
+    let stuck = running("NULL", "replica-old").await;
+    for _ in 0..2 {
+        assert!(jobs::run_one_leased(&pool, "replica-b", &thresholds, lease).await.expect("round"));
+    }
+    let state = |op: Uuid| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_as::<_, (i16, String, i32, String)>(
+                "SELECT state, claimed_by, attempts, step FROM recompute_operations WHERE operation_id = $1",
+            )
+            .bind(op)
+            .fetch_one(&pool)
+            .await
+            .expect("op")
+        }
+    };
+    for op in [dead, stuck] {
+        let (st, by, attempts, step) = state(op).await;
+        assert_eq!((st, by.as_str(), attempts), (OperationState::Succeeded as i16, "replica-b", 2), "{step}");
+    }
+    let (st, by, ..) = state(alive).await;
+    assert_eq!((st, by.as_str()), (OperationState::Running as i16, "replica-alive"));
+    // Once its heartbeats stop, it is taken over too.
+    sqlx::query("UPDATE recompute_operations SET heartbeat_at = now() - interval '1 minute' WHERE operation_id = $1")
+        .bind(alive)
+        .execute(&pool)
+        .await
+        .expect("stale");
+    assert!(jobs::run_one_leased(&pool, "replica-b", &thresholds, lease).await.expect("round"));
+    assert_eq!(state(alive).await.1, "replica-b");
+}
+
 fn feedback_event<T: prost::Name + Message>(payload: &T, at: DateTime<Utc>) -> crm_kit::consumer::Event {
     crm_kit::consumer::Event {
         envelope: crm_proto::common::v1::EventEnvelope {
