@@ -2,7 +2,8 @@
 //! message id as idempotency key.
 //!
 //! A batch leases its messages (`lease_until`) and commits before calling the
-//! adapters; bookkeeping follows in a second transaction. If the process dies
+//! adapters, renewing the lease while they work; bookkeeping follows in a
+//! second transaction. If the process dies
 //! in between, the lease expires, another replica (or the restarted one) calls
 //! the adapter again with the same key, and the provider drops the duplicate:
 //! nothing is sent twice and nothing is lost (REL-3). Transient failures are
@@ -279,6 +280,9 @@ impl Deliverer {
         if leased.is_empty() {
             return Ok(0);
         }
+        // REL-7: the batch stays this replica's for as long as it is being handed over.
+        let _lease =
+            LeaseKeeper::start(self.pool.clone(), leased.iter().map(|l| l.row.message_id).collect(), self.lease);
         let n = leased.len();
         let mut leased = leased;
         let mut contacts = HashMap::new();
@@ -632,6 +636,40 @@ impl Deliverer {
         outbox::enqueue_many(&mut tx, SERVICE, "customer", "", &events).await?;
         tx.commit().await?;
         Ok(())
+    }
+}
+
+/// Renews the lease of a batch every third of the lease while it is being
+/// delivered, so a slow provider or a large batch never lets another replica
+/// take the same messages; stops when dropped. If this replica dies, the
+/// renewals stop with it and the lease runs out as before.
+struct LeaseKeeper(tokio::task::JoinHandle<()>);
+
+impl LeaseKeeper {
+    fn start(pool: PgPool, ids: Vec<Uuid>, lease: Duration) -> Self {
+        Self(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(lease / 3).await;
+                let renewed = sqlx::query(
+                    "UPDATE messages SET lease_until = now() + $2 * interval '1 millisecond' \
+                     WHERE message_id = ANY($1) AND state = $3",
+                )
+                .bind(&ids)
+                .bind(lease.as_millis() as f64)
+                .bind(state::APPROVED)
+                .execute(&pool)
+                .await;
+                if let Err(e) = renewed {
+                    tracing::warn!(error = %e, messages = ids.len(), "could not renew a delivery lease");
+                }
+            }
+        }))
+    }
+}
+
+impl Drop for LeaseKeeper {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
