@@ -40,6 +40,15 @@ pub fn binary(name: &str) -> PathBuf {
     dir.join(name)
 }
 
+fn spawn(service: &str, env: &[(String, String)]) -> Child {
+    let mut cmd = Command::new(binary(&format!("crm-{service}")));
+    cmd.stdout(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.spawn().expect("start service")
+}
+
 /// A running service process; terminated (SIGTERM) on drop.
 pub struct ServiceProcess {
     /// The child.
@@ -50,10 +59,17 @@ pub struct ServiceProcess {
     pub schema: String,
     /// Its event stream prefix (`EVENT_STREAM_PREFIX`): tests never publish into a shared stream.
     pub prefix: String,
+    /// `profiles`, `segmentation`, ...
+    pub service: String,
+    /// The environment it was started with (a restart uses the same).
+    env: Vec<(String, String)>,
 }
 
 impl ServiceProcess {
-    /// Builds the binary if needed and starts `crm-<service>` with its own schema.
+    /// Builds the binary if needed and starts `crm-<service>` with its own
+    /// schema (`DATABASE_SCHEMA` in `extra` overrides it, for replicas), a
+    /// stable `CONSUMER_NAME` (a restarted process resumes its pending
+    /// events) and `extra` on top.
     pub async fn start(service: &str, extra: &[(&str, &str)]) -> ServiceProcess {
         let status = Command::new(env!("CARGO"))
             .args(["build", "-q", "-p", &format!("crm-{service}")])
@@ -62,29 +78,63 @@ impl ServiceProcess {
         assert!(status.success(), "building crm-{service}");
         let db = crm_kit::testing::test_database_url().await;
         let port = free_port();
-        let schema = crm_kit::testing::schema_name();
         let prefix = crm_kit::testing::unique_name("e2e");
         let secret = String::from_utf8_lossy(crm_kit::testing::TEST_JWT_SECRET).to_string();
-        let mut cmd = Command::new(binary(&format!("crm-{service}")));
-        cmd.env("DATABASE_URL", &db)
-            .env("DATABASE_SCHEMA", &schema)
-            .env("EVENT_STREAM_PREFIX", &prefix)
-            .env("REDIS_URL", crm_kit::testing::redis_url())
-            .env("GRPC_LISTEN_ADDR", format!("127.0.0.1:{port}"))
-            .env("METRICS_LISTEN_ADDR", format!("127.0.0.1:{}", free_port()))
-            .env("JWT_SECRET", secret)
-            .env("SHUTDOWN_DRAIN_DELAY_MS", "0")
-            .env("OUTBOX_POLL_INTERVAL_MS", "20")
-            .env("HEALTH_CHECK_INTERVAL_MS", "200")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null());
+        let mut env: Vec<(String, String)> = [
+            ("DATABASE_URL", db.as_str()),
+            ("DATABASE_SCHEMA", crm_kit::testing::schema_name().as_str()),
+            ("EVENT_STREAM_PREFIX", prefix.as_str()),
+            ("REDIS_URL", crm_kit::testing::redis_url().as_str()),
+            ("GRPC_LISTEN_ADDR", format!("127.0.0.1:{port}").as_str()),
+            ("METRICS_LISTEN_ADDR", format!("127.0.0.1:{}", free_port()).as_str()),
+            ("JWT_SECRET", secret.as_str()),
+            ("SHUTDOWN_DRAIN_DELAY_MS", "0"),
+            ("OUTBOX_POLL_INTERVAL_MS", "20"),
+            ("HEALTH_CHECK_INTERVAL_MS", "200"),
+            ("CONSUMER_NAME", crm_kit::testing::unique_name(service).as_str()),
+            ("RUST_LOG", "warn"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
         for (k, v) in extra {
-            cmd.env(k, v);
+            env.retain(|(name, _)| name != k);
+            env.push((k.to_string(), v.to_string()));
         }
-        let child = cmd.spawn().expect("start service");
-        let process = ServiceProcess { child, url: format!("http://127.0.0.1:{port}"), schema, prefix };
+        let get = |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()).unwrap_or_default();
+        let (schema, prefix) = (get("DATABASE_SCHEMA"), get("EVENT_STREAM_PREFIX"));
+        let child = spawn(service, &env);
+        let process = ServiceProcess {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            schema,
+            prefix,
+            service: service.to_string(),
+            env,
+        };
         process.wait_serving(service).await;
         process
+    }
+
+    /// Its `CONSUMER_NAME` (also the name it claims background work under).
+    pub fn consumer_name(&self) -> String {
+        self.env.iter().find(|(k, _)| k == "CONSUMER_NAME").map(|(_, v)| v.clone()).unwrap_or_default()
+    }
+
+    /// Kills the process at once (SIGKILL): no drain, nothing flushed.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again with the same environment (port, schema, consumer
+    /// name), after a kill or a terminate, and waits until it serves.
+    pub async fn restart(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.kill();
+        }
+        self.child = spawn(&self.service, &self.env);
+        self.wait_serving(&self.service.clone()).await;
     }
 
     async fn wait_serving(&self, service: &str) {
