@@ -141,39 +141,47 @@ pub async fn lock_customer_rows(conn: &mut sqlx::PgConnection, ids: &[uuid::Uuid
 }
 
 /// PRF-7 across services: applies a ConsentChanged's grants to the service's
-/// own `consents` table (customer_id, channel, purpose, granted, expires_at),
-/// the mirror every consumer of consent keeps. The last grant for a channel
-/// and purpose wins.
+/// own `consents` table (customer_id, channel, purpose, granted, expires_at,
+/// updated_at), the mirror every consumer of consent keeps. The last grant for
+/// a channel and purpose in the event wins; a grant older (by profiles'
+/// `update_time`) than the one already copied is ignored: a dead consumer's
+/// event claimed by another after newer events of the customer were applied
+/// must not bring a withdrawn consent back (REL-6). A grant without a time
+/// (an event from before the field was filled) is applied as it comes.
 pub async fn mirror_consents(
     conn: &mut sqlx::PgConnection,
     customer: uuid::Uuid,
     grants: &[crm_proto::profiles::v1::ConsentGrant],
 ) -> Result<(), sqlx::Error> {
+    let time = |t: Option<&prost_types::Timestamp>| {
+        t.and_then(|t| chrono::DateTime::from_timestamp(t.seconds, t.nanos.clamp(0, 999_999_999) as u32))
+    };
     let mut latest: std::collections::BTreeMap<(i16, i16), &crm_proto::profiles::v1::ConsentGrant> = Default::default();
     for g in grants {
         latest.insert((g.channel as i16, g.purpose as i16), g);
     }
-    let (mut channels, mut purposes, mut granted, mut expires) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut channels, mut purposes, mut granted, mut expires, mut updated) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for ((channel, purpose), g) in latest {
         channels.push(channel);
         purposes.push(purpose);
         granted.push(g.granted);
-        expires.push(
-            g.expire_time
-                .as_ref()
-                .and_then(|t| chrono::DateTime::from_timestamp(t.seconds, t.nanos.clamp(0, 999_999_999) as u32)),
-        );
+        expires.push(time(g.expire_time.as_ref()));
+        updated.push(time(g.update_time.as_ref()));
     }
     sqlx::query(
-        "INSERT INTO consents (customer_id, channel, purpose, granted, expires_at) \
-         SELECT $1, * FROM UNNEST($2::smallint[], $3::smallint[], $4::bool[], $5::timestamptz[]) \
-         ON CONFLICT (customer_id, channel, purpose) DO UPDATE SET granted = EXCLUDED.granted, expires_at = EXCLUDED.expires_at",
+        "INSERT INTO consents (customer_id, channel, purpose, granted, expires_at, updated_at) \
+         SELECT $1, * FROM UNNEST($2::smallint[], $3::smallint[], $4::bool[], $5::timestamptz[], $6::timestamptz[]) \
+         ON CONFLICT (customer_id, channel, purpose) DO UPDATE \
+         SET granted = EXCLUDED.granted, expires_at = EXCLUDED.expires_at, updated_at = EXCLUDED.updated_at \
+         WHERE consents.updated_at IS NULL OR EXCLUDED.updated_at IS NULL OR consents.updated_at <= EXCLUDED.updated_at",
     )
     .bind(customer)
     .bind(&channels)
     .bind(&purposes)
     .bind(&granted)
     .bind(&expires)
+    .bind(&updated)
     .execute(conn)
     .await?;
     Ok(())

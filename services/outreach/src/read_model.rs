@@ -156,9 +156,10 @@ impl ReadModel {
                 .await?;
             // The stricter consent wins: a revocation on either record stays.
             sqlx::query(
-                "INSERT INTO consents (customer_id, channel, purpose, granted, expires_at) \
-                 SELECT $2, channel, purpose, granted, expires_at FROM consents WHERE customer_id = $1 \
-                 ON CONFLICT (customer_id, channel, purpose) DO UPDATE SET granted = consents.granted AND EXCLUDED.granted",
+                "INSERT INTO consents (customer_id, channel, purpose, granted, expires_at, updated_at) \
+                 SELECT $2, channel, purpose, granted, expires_at, updated_at FROM consents WHERE customer_id = $1 \
+                 ON CONFLICT (customer_id, channel, purpose) DO UPDATE SET granted = consents.granted AND EXCLUDED.granted, \
+                   updated_at = GREATEST(consents.updated_at, EXCLUDED.updated_at)",
             )
             .bind(loser)
             .bind(survivor)

@@ -515,7 +515,9 @@ pub async fn consents(conn: &mut PgConnection, id: Uuid) -> Result<Vec<ConsentGr
     rows.iter().map(grant_from_row).collect()
 }
 
-/// Sets one grant and appends it to the history.
+/// Sets one grant and appends it to the history. The grant's time never goes
+/// back for a channel and purpose, whatever the replicas' clocks say: the
+/// read models of other services order the changes by it (REL-6).
 pub async fn set_consent(
     conn: &mut PgConnection,
     id: Uuid,
@@ -524,9 +526,11 @@ pub async fn set_consent(
     now: DateTime<Utc>,
 ) -> Result<(), sqlx::Error> {
     let expires = g.expire_time.as_ref().and_then(from_ts);
-    sqlx::query(
+    let now: DateTime<Utc> = sqlx::query_scalar(
         "INSERT INTO consents (customer_id, channel, purpose, granted, source, updated_at, expires_at) VALUES ($1,$2,$3,$4,$5,$6,$7) \
-         ON CONFLICT (customer_id, channel, purpose) DO UPDATE SET granted=$4, source=$5, updated_at=$6, expires_at=$7",
+         ON CONFLICT (customer_id, channel, purpose) DO UPDATE SET granted=$4, source=$5, \
+           updated_at=GREATEST($6, consents.updated_at + interval '1 microsecond'), expires_at=$7 \
+         RETURNING updated_at",
     )
     .bind(id)
     .bind(g.channel as i16)
@@ -535,7 +539,7 @@ pub async fn set_consent(
     .bind(&g.source)
     .bind(now)
     .bind(expires)
-    .execute(&mut *conn)
+    .fetch_one(&mut *conn)
     .await?;
     sqlx::query(
         "INSERT INTO consent_history (customer_id, channel, purpose, granted, source, changed_at, expires_at, changed_by) \

@@ -401,6 +401,44 @@ async fn prf7_consent_opt_out_takes_effect_and_expired_grants_count_as_none() {
     assert_eq!(events, 2);
 }
 
+/// REL-6: the read models of outreach and segmentation order consent changes
+/// by their time; a replica whose clock runs an hour behind must still give
+/// its change a time after the one it replaces.
+#[tokio::test]
+async fn rel6_a_consent_change_is_timed_after_the_one_it_replaces_whatever_the_clock() {
+    let app = common::start().await;
+    let mut admin = app.admin();
+    let c = create(&mut admin, person("Clocked", "+8613900000016", "")).await;
+    let sms = |granted| pb::ConsentGrant {
+        channel: Channel::Sms as i32,
+        purpose: Purpose::Marketing as i32,
+        granted,
+        ..Default::default()
+    };
+    let first = admin
+        .update_consent(pb::UpdateConsentRequest {
+            customer_id: c.customer_id.clone(),
+            changes: vec![sms(true)],
+            request_id: "clock-1".into(),
+        })
+        .await
+        .expect("grant")
+        .into_inner();
+    let first_time = first.grants[0].update_time.expect("update_time");
+    let id: uuid::Uuid = c.customer_id.parse().expect("id");
+    let mut tx = app.pool.begin().await.expect("tx");
+    let behind = chrono::Utc::now() - chrono::Duration::hours(1);
+    crm_profiles::store::set_consent(&mut tx, id, &sms(false), "slow-replica", behind).await.expect("withdraw");
+    let now = crm_profiles::store::consents(&mut tx, id).await.expect("consents");
+    tx.commit().await.expect("commit");
+    let second_time = now[0].update_time.expect("update_time");
+    assert!(!now[0].granted);
+    assert!(
+        (second_time.seconds, second_time.nanos) > (first_time.seconds, first_time.nanos),
+        "the withdrawal ({second_time:?}) must be timed after the grant it replaces ({first_time:?})"
+    );
+}
+
 #[tokio::test]
 async fn prf6_list_filters_and_pages_through_every_match_once() {
     let app = common::start().await;

@@ -340,8 +340,9 @@ impl EventHandler for ReadModel {
                 sqlx::query(sqlx::AssertSqlSafe(sql)).bind(loser).bind(survivor).execute(&mut *tx).await?;
             }
             sqlx::query(
-                "INSERT INTO consents (customer_id, channel, purpose, granted, expires_at) \
-                 SELECT $2, channel, purpose, granted, expires_at FROM consents WHERE customer_id = $1 ON CONFLICT DO NOTHING",
+                "INSERT INTO consents (customer_id, channel, purpose, granted, expires_at, updated_at) \
+                 SELECT $2, channel, purpose, granted, expires_at, updated_at FROM consents WHERE customer_id = $1 \
+                 ON CONFLICT DO NOTHING",
             )
             .bind(loser)
             .bind(survivor)
