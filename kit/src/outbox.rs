@@ -17,7 +17,8 @@
 //! - published rows are kept `OUTBOX_RETENTION_HOURS`; when the stream is
 //!   behind what the outbox recorded (Redis restarted without persistence,
 //!   a failover to a replica that lagged), the relay publishes again what
-//!   the stream lost;
+//!   the stream lost: checked in Redis atomically with every append (a new
+//!   entry would otherwise hide the loss) and every second while idle;
 //! - after a round that failed once Redis may have appended its entries (a
 //!   timeout, a failed commit), the next round looks for them at the tail of
 //!   the stream instead of appending them twice.
@@ -263,6 +264,50 @@ pub struct OutboxRelay {
 /// The advisory lock of a schema's relay.
 const RELAY_LOCK: &str = "SELECT pg_try_advisory_xact_lock(hashtext('kit_outbox:' || current_schema()))";
 
+/// Appends a batch unless the stream is behind what the outbox recorded,
+/// atomically in Redis: a stream that Redis restarted empty (or a replica
+/// that lagged took over) gets new entry ids after the ones it lost, so a
+/// check made after the next append could no longer see the loss.
+/// KEYS[1] the stream; ARGV[1] the last position the outbox recorded
+/// (`<ms>-<seq>`, empty if none); then event_id, event_type, envelope of each
+/// entry. Returns the new entry ids, or `{"behind", <last id>}`.
+const APPEND: &str = r"
+local function before(a, b)
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
+  return am < bm or (am == bm and as < bs)
+end
+if ARGV[1] ~= '' then
+  local last = '0-0'
+  if redis.call('EXISTS', KEYS[1]) == 1 then
+    local info = redis.call('XINFO', 'STREAM', KEYS[1])
+    for i = 1, #info, 2 do
+      if info[i] == 'last-generated-id' then last = info[i + 1] end
+    end
+  end
+  if before(last, ARGV[1]) then return {'behind', last} end
+end
+local ids = {}
+for i = 2, #ARGV, 3 do
+  ids[#ids + 1] = redis.call('XADD', KEYS[1], '*', 'event_id', ARGV[i], 'event_type', ARGV[i + 1], 'envelope', ARGV[i + 2])
+end
+return ids
+";
+
+static APPEND_SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| redis::Script::new(APPEND));
+
+/// The last stream position the outbox recorded (the relay lock held).
+async fn recorded_position(conn: &mut PgConnection) -> Result<Option<StreamPosition>, sqlx::Error> {
+    let row: Option<(i64, i64)> = sqlx::query_as(
+        "SELECT stream_ms, stream_seq FROM kit_outbox WHERE published_at IS NOT NULL AND stream_ms IS NOT NULL \
+         ORDER BY stream_ms DESC, stream_seq DESC LIMIT 1",
+    )
+    .fetch_optional(conn)
+    .await?;
+    Ok(row.map(|(ms, seq)| StreamPosition { ms, seq }))
+}
+
 impl OutboxRelay {
     /// A relay of `service`'s outbox to `crm.<service>.events`.
     pub fn new(pool: PgPool, redis: Redis, service: &str, metrics: Metrics) -> Self {
@@ -321,19 +366,13 @@ impl OutboxRelay {
         let fresh: Vec<&(i64, Uuid, String, Vec<u8>)> = rows.iter().filter(|r| !landed.contains_key(&r.1)).collect();
         let mut ids: Vec<String> = Vec::new();
         if !fresh.is_empty() {
-            let mut pipe = redis::pipe();
+            let recorded = recorded_position(&mut tx).await?;
+            let mut call = APPEND_SCRIPT.key(&self.stream);
+            call.arg(recorded.map(StreamPosition::id).unwrap_or_default());
             for (_, event_id, event_type, envelope) in &fresh {
-                pipe.cmd("XADD")
-                    .arg(&self.stream)
-                    .arg("*")
-                    .arg("event_id")
-                    .arg(event_id.to_string())
-                    .arg("event_type")
-                    .arg(event_type)
-                    .arg("envelope")
-                    .arg(envelope.as_slice());
+                call.arg(event_id.to_string()).arg(event_type).arg(envelope.as_slice());
             }
-            ids = match pipe.query_async(&mut conn).await {
+            ids = match call.invoke_async(&mut conn).await {
                 Ok(ids) => ids,
                 Err(e) => {
                     // A timeout may come after Redis appended them.
@@ -341,6 +380,13 @@ impl OutboxRelay {
                     return Err(e.into());
                 }
             };
+            if let [flag, last] = ids.as_slice()
+                && flag == "behind"
+            {
+                let last = StreamPosition::parse(last).unwrap_or_default();
+                self.refill(tx, last, recorded.unwrap_or_default()).await?;
+                return Ok(0);
+            }
         }
         let mut positions: Vec<(i64, StreamPosition)> =
             rows.iter().filter_map(|r| landed.get(&r.1).map(|p| (r.0, *p))).collect();
@@ -448,19 +494,23 @@ impl OutboxRelay {
         if !locked {
             return Ok(None);
         }
-        let recorded: Option<(i64, i64)> = sqlx::query_as(
-            "SELECT stream_ms, stream_seq FROM kit_outbox WHERE published_at IS NOT NULL AND stream_ms IS NOT NULL \
-             ORDER BY stream_ms DESC, stream_seq DESC LIMIT 1",
-        )
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some((ms, seq)) = recorded else { return Ok(Some(0)) };
-        let recorded = StreamPosition { ms, seq };
+        let Some(recorded) = recorded_position(&mut tx).await? else { return Ok(Some(0)) };
         let mut conn = self.redis.conn();
         let last = self.last_generated(&mut conn).await?.unwrap_or_default();
         if last >= recorded {
             return Ok(Some(0));
         }
+        Ok(Some(self.refill(tx, last, recorded).await?))
+    }
+
+    /// Marks the rows published after `last` (where the stream now ends) for
+    /// publishing again, in their order, and commits.
+    async fn refill(
+        &self,
+        mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
+        last: StreamPosition,
+        recorded: StreamPosition,
+    ) -> Result<u64, RelayError> {
         let marked = sqlx::query(
             "UPDATE kit_outbox SET published_at = NULL, stream_ms = NULL, stream_seq = NULL \
              WHERE published_at IS NOT NULL AND (stream_ms, stream_seq) > ($1, $2)",
@@ -480,7 +530,7 @@ impl OutboxRelay {
             events = marked,
             "the stream lost entries (Redis restarted without persistence, or failed over to a replica that lagged): publishing them again from the outbox"
         );
-        Ok(Some(marked))
+        Ok(marked)
     }
 
     /// REL-7: trims the stream below the oldest entry a consumer group still

@@ -202,6 +202,35 @@ async fn rel3_a_stream_that_lost_entries_is_refilled_from_the_outbox_and_applied
     run.shutdown.trigger();
 }
 
+/// REL-3: under load the relay appends again within milliseconds of a
+/// restart; the stream it makes anew must not hide what the old one lost.
+#[tokio::test]
+async fn rel3_a_stream_restarted_empty_and_written_at_once_still_gets_back_what_it_lost() {
+    let run = common::start(common::test_config().await).await;
+    let mut private = PrivateRedis::start(&[]).await;
+    let relay = relay(&run, &private.url);
+    let group = testing::unique_name("reader");
+    notes(&run, 5).await;
+    assert_eq!(relay.publish_once().await.expect("publish"), 5);
+    private.restart().await;
+    // New events, published before any periodic check could run.
+    notes(&run, 3).await;
+    let mut published = 0;
+    for _ in 0..50 {
+        match relay.publish_once().await {
+            Ok(n) if n > 0 => published += n,
+            Ok(_) if published > 0 => break,
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    assert_eq!(published, 8, "the five the restart lost go out again, before the three new ones");
+    assert_eq!(relay.repair().await.expect("check"), Some(0), "nothing left to refill");
+    drain(&mut consumer(&run, &private.url, &group, 100)).await;
+    assert_eq!(effects(&run).await, (8, 8));
+    assert_eq!(counter(&run, "crm_stream_losses_total"), 1.0);
+    run.shutdown.trigger();
+}
+
 #[tokio::test]
 async fn rel3_a_round_that_timed_out_after_redis_appended_is_not_appended_twice() {
     let run = common::start(common::test_config().await).await;
